@@ -1,0 +1,27 @@
+"""lora-lite: forward-hook adapters for PyTorch / Hugging Face models, one small file per method.
+
+    import lora_lite as ll
+    ll.attach(model, ll.LoRAConfig(r=8, target_names=(r"q_proj$", r"v_proj$")))
+    ... train ...
+    ll.save(model, "adapter.safetensors");  ll.load(fresh_model, "adapter.safetensors");  ll.detach(model)
+"""
+
+from .config import ALL_LINEAR, AdapterConfig
+from .errors import (AttachStateError, CalibrationError, CheckpointError, ConfigError, LoraLiteError, TargetError,
+                     UnknownVariantError, UnsupportedLayerError)
+from .io import load, save
+from .runtime import attach, detach
+from .target import find_targets
+from .variant import REGISTRY, ParamSpec, Variant, register
+from .variants import (DeLoRAConfig, DoRAConfig, HRAConfig, IA3Config, IA3FFConfig, LoRAConfig, PiSSAConfig,
+                       RoadConfig)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_LINEAR", "AdapterConfig", "ParamSpec", "REGISTRY", "Variant", "register", "find_targets",
+    "attach", "detach", "save", "load",
+    "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "IA3Config", "IA3FFConfig", "HRAConfig", "RoadConfig",
+    "LoraLiteError", "ConfigError", "UnknownVariantError", "TargetError", "UnsupportedLayerError", "CalibrationError",
+    "AttachStateError", "CheckpointError",
+]

@@ -1,0 +1,30 @@
+"""Top-r SVD of a weight, shared by every SVD-based variant (pissa, lora_xs, the antipasto family).
+
+method="full" runs torch.linalg.svd in fp32 and keeps the top r: exact, O(d_out·d_in·min(d)).
+method="lowrank" runs torch.svd_lowrank(q=r + oversample, niter): a randomized range finder,
+O(d_out·d_in·r·(niter+1)). It is seeded from the weight's shape so init is reproducible on one machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+SVD_METHODS = ("full", "lowrank")
+
+
+@torch.no_grad()
+def top_r_svd(W: torch.Tensor, r: int, method: str = "full", niter: int = 4, oversample: int = 8):
+    """Return U (d_out, r), S (r,), Vh (r, d_in) in fp32 with W ≈ U diag(S) Vh."""
+    if method not in SVD_METHODS:
+        raise ConfigError(f"svd={method!r} is not one of {SVD_METHODS}")
+    W = W.detach().to(torch.float32)
+    if method == "full":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        return U[:, :r].contiguous(), S[:r].contiguous(), Vh[:r].contiguous()
+    q = min(r + oversample, *W.shape)
+    with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
+        torch.manual_seed(W.shape[0] * 1_000_003 + W.shape[1])
+        U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
+    return U[:, :r].contiguous(), S[:r].contiguous(), V[:, :r].T.contiguous()

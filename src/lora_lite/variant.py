@@ -1,0 +1,104 @@
+"""The variant contract, the registry, and ParamSpec.
+
+A variant is a class (never instantiated) with static methods; the runtime finds the optional ones by
+`hasattr`, the way torchtune finds adapters by protocol:
+
+    name: str                                   registry key, e.g. "lora"
+    config: type[AdapterConfig]                 its typed config
+    param_specs(d_in, d_out, cfg) -> {name: ParamSpec}    every tensor name starts with "lora_"
+    init(layer, cfg)                            fill the tensors; may read layer.weight, never writes it
+    forward(layer, x, y) -> y_new               post-hook: the *full* new output, not a delta
+  optional
+    forward_input(layer, x) -> x_new            pre-hook instead of `forward` (input-side variants)
+    group_init(model, targets, cfg, data)       model-level or data-driven init, run with hooks active
+    base_delta(layer) -> (d_out, d_in) tensor   the part of W the adapter takes over; the runtime writes
+                                                W <- W - base_delta and restores W bit-exactly on detach
+    delta_weight(layer) -> (d_out, d_in)        W_merged - W for additive variants (used by merge/export)
+    needs_dense_weight: bool                    True if init/forward read a dense float nn.Linear weight
+    requires_calibration: bool                  True if group_init cannot run without data
+    check(d_in, d_out, cfg)                     raise ConfigError for shapes the variant cannot take
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+InitFn = Callable[[torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Shape and initial value of one adapter tensor.
+
+    init: "zeros" | "ones" | "kaiming" (nn.Linear's default, kaiming_uniform(a=sqrt 5)) | a callable that
+    fills the tensor in place. Buffers (as_buffer=True) are frozen state that is still saved.
+    """
+
+    shape: tuple[int, ...]
+    init: str | InitFn = "zeros"
+    trainable: bool = True
+    as_buffer: bool = False
+
+    def make_tensor(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = torch.empty(self.shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            if callable(self.init):
+                self.init(t)
+            elif self.init == "zeros":
+                t.zero_()
+            elif self.init == "ones":
+                t.fill_(1.0)
+            elif self.init == "kaiming":
+                if t.ndim < 2:
+                    raise ConfigError(f"kaiming init needs a 2-D tensor, got shape {self.shape}")
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+            else:
+                raise ConfigError(f"unknown ParamSpec init {self.init!r}; use zeros, ones, kaiming or a callable")
+        return t
+
+
+class Variant(Protocol):
+    name: str
+
+    @staticmethod
+    def param_specs(d_in: int, d_out: int, cfg: Any) -> dict[str, ParamSpec]: ...
+
+    @staticmethod
+    def init(layer: nn.Module, cfg: Any) -> None: ...
+
+    @staticmethod
+    def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
+
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a variant to REGISTRY under `cls.name`."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{cls.__qualname__} has no `name`; set name = '<variant>' on the class")
+    if name in REGISTRY and REGISTRY[name].__qualname__ != cls.__qualname__:
+        raise ConfigError(f"variant name {name!r} is taken by {REGISTRY[name].__qualname__}; pick another name")
+    for attr in ("param_specs", "init"):
+        if not callable(getattr(cls, attr, None)):
+            raise ConfigError(f"variant {name!r} lacks `{attr}`; see lora_lite.variant for the contract")
+    if not (callable(getattr(cls, "forward", None)) or callable(getattr(cls, "forward_input", None))):
+        raise ConfigError(f"variant {name!r} needs `forward(layer, x, y)` or `forward_input(layer, x)`")
+    REGISTRY[name] = cls
+    return cls
+
+
+def check_rank(d_in: int, d_out: int, cfg: Any) -> None:
+    """Shared check for variants whose r indexes a low-rank factor of a (d_out, d_in) weight."""
+    if cfg.r > min(d_in, d_out):
+        raise ConfigError(f"{cfg.variant}: r={cfg.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of a "
+                          f"{d_in}->{d_out} layer; lower r or exclude that layer")

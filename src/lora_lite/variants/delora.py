@@ -1,0 +1,65 @@
+"""DeLoRA: Bini et al. 2025, "Decoupling Angles and Strength in Low-rank Adaptation", arXiv 2503.18225.
+
+A LoRA whose update has a learnable, bounded strength λ, independent of the factors' scale:
+    h  = (x ⊙ w) Aᵀ                                  w = ‖W‖ per input column (frozen buffer)
+    y' = y + (h ⊙ (λ/r) / (‖A_k‖·‖B^k‖)) Bᵀ          norms clamped at ≥ 1e-4, as in PEFT
+    ΔW = B diag(λ / (r‖A_k‖‖B^k‖)) A diag(w),  so ‖ΔW‖ ≤ λ·max(w)
+    A: (r, d_in) kaiming   B: (d_out, r) zeros   λ: (1,) = lambda0   w: (d_in,) buffer
+
+Matches PEFT's DeLoRA forward. Identity holds because B = 0; B still gets a gradient at step 0 through the
+clamped norm, and A from step 1. λ0 must be > 0, or every gradient is zero. Reads W once, at init.
+Trainable params per layer: r·(d_in + d_out) + 1. Needs a higher learning rate than LoRA (paper: 10-100x).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import AdapterConfig
+from ..errors import ConfigError
+from ..variant import ParamSpec, check_rank, register
+
+
+@dataclass
+class DeLoRAConfig(AdapterConfig):
+    variant = "delora"
+    lambda0: float = 15.0
+
+
+def _factor_scale(layer):
+    A, B = layer.lora_A, layer.lora_B
+    return (layer.lora_lambda / layer._lora_cfg.r) / (A.norm(dim=1).clamp_min(1e-4) * B.norm(dim=0).clamp_min(1e-4))
+
+
+@register
+class DeLoRA:
+    name = "delora"
+    config = DeLoRAConfig
+
+    @staticmethod
+    def check(d_in, d_out, cfg):
+        check_rank(d_in, d_out, cfg)
+        if not cfg.lambda0 > 0:
+            raise ConfigError(f"delora: lambda0={cfg.lambda0} must be > 0, otherwise no gradient reaches A or B")
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_A": ParamSpec((cfg.r, d_in), "kaiming"), "lora_B": ParamSpec((d_out, cfg.r), "zeros"),
+                "lora_lambda": ParamSpec((1,), lambda t: t.fill_(cfg.lambda0)),
+                "lora_wnorm": ParamSpec((d_in,), "ones", trainable=False, as_buffer=True)}
+
+    @staticmethod
+    @torch.no_grad()
+    def init(layer, cfg):
+        layer.lora_wnorm.copy_(torch.linalg.vector_norm(layer.weight, dim=0, dtype=torch.float32))
+
+    @staticmethod
+    def forward(layer, x, y):
+        h = F.linear(x * layer.lora_wnorm, layer.lora_A) * _factor_scale(layer)
+        return y + F.linear(h, layer.lora_B)
+
+    @staticmethod
+    def delta_weight(layer):
+        A, B = layer.lora_A.float(), layer.lora_B.float()
+        return (B * _factor_scale(layer).float()) @ A * layer.lora_wnorm.float()

@@ -1,0 +1,80 @@
+"""HRA: Yuan et al. 2024, "Bridging the Gap Between Low-Rank and Orthogonal Adaptation via Householder
+Reflection Adaptation", arXiv 2405.17484.
+
+W is multiplied on the input side by an orthogonal R, a chain of r Householder reflections:
+    H_i = I − 2 ū_i ū_iᵀ  (ū_i = u_i / ‖u_i‖),   R = H_0 H_1 … H_{r−1},   y' = x (W R)ᵀ = (x Rᵀ) Wᵀ
+    U: (r, d_in) trainable, one reflection vector per row          (PEFT stores Uᵀ as hra_u)
+
+R is applied to x in a pre-hook, in compact WY form rather than r sequential rank-1 updates:
+    R = I − Yᵀ T Y,   Y = rows ū_i (r, d_in),   T = (½ I + striu(Y Yᵀ))⁻¹  upper-triangular (r, r)
+    x Rᵀ = x − ((x Yᵀ) Tᵀ) Y                 two skinny matmuls + one r×r triangular solve per call.
+Init is PEFT's symmetric one: adjacent rows are equal, so H_{2k} H_{2k+1} = I and R = I exactly, while U
+still gets a gradient at step 0. That needs an even r. Matches PEFT's reflection order (x Rᵀ, not x R).
+No Gram-Schmidt option; the paper's orthogonality regulariser is a loss term left to the user.
+Hook-only: works on quantized layers. Trainable params per layer: r·d_in.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig
+from ..errors import ConfigError
+from ..variant import ParamSpec, check_rank, register
+
+
+@dataclass
+class HRAConfig(AdapterConfig):
+    variant = "hra"
+
+
+def _paired_kaiming(t: torch.Tensor) -> None:
+    half = torch.empty(t.shape[0] // 2, t.shape[1], dtype=t.dtype, device=t.device)
+    nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+    t.copy_(half.repeat_interleave(2, dim=0))
+
+
+def wy_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Y (r, d_in) with unit rows, and Tᵀ (r, r), such that R = I − Yᵀ T Y."""
+    U = layer.lora_U
+    Y = U / U.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    Yf = Y.float()
+    eye = torch.eye(Y.shape[0], dtype=torch.float32, device=Y.device)
+    S = torch.triu(Yf @ Yf.T, diagonal=1) + 0.5 * eye
+    T = torch.linalg.solve_triangular(S, eye, upper=True)
+    return Y, T.T.to(Y.dtype)
+
+
+@register
+class HRA:
+    name = "hra"
+    config = HRAConfig
+
+    @staticmethod
+    def check(d_in, d_out, cfg):
+        check_rank(d_in, d_in, cfg)
+        if cfg.r % 2:
+            raise ConfigError(f"hra: r={cfg.r} is odd; the identity init pairs reflections, so use an even r")
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_U": ParamSpec((cfg.r, d_in), _paired_kaiming)}
+
+    @staticmethod
+    def init(layer, cfg):
+        pass  # the paired init lives in the ParamSpec
+
+    @staticmethod
+    def forward_input(layer, x):
+        Y, Tt = wy_factors(layer)
+        return x - F.linear(F.linear(x, Y) @ Tt, Y.T)
+
+    @staticmethod
+    def rotation(layer) -> torch.Tensor:
+        """The explicit (d_in, d_in) R, for merging and tests."""
+        Y, Tt = wy_factors(layer)
+        Y, T = Y.float(), Tt.float().T
+        return torch.eye(Y.shape[1], device=Y.device) - Y.T @ T @ Y

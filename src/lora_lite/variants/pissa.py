@@ -1,0 +1,62 @@
+"""PiSSA: Meng et al. 2024, "Principal Singular values and Singular vectors Adaptation", arXiv 2404.02948.
+
+LoRA whose factors start on the top-r singular triplets of W, with the rest left in the base weight:
+    W = U S Vh,  S' = S_r / s,  B0 = U_r √S',  A0 = √S' Vh_r,   W_res = W − s·B0 A0
+    y' = x W_resᵀ + s · (x Aᵀ) Bᵀ          (A, B start at A0, B0 and train)
+    A, B: (r, d_in), (d_out, r) trainable     A0, B0: frozen buffers, kept so the residual can be rebuilt
+
+Dividing S by s (as PEFT does) gives the same starting product s·B0A0 = U_r S_r Vh_r for any alpha.
+The runtime writes W_res into the layer (through `base_delta`) and restores the original W bit-exactly on
+detach. A0/B0 are saved, so load rebuilds W_res without an SVD and a rank-2r PEFT export is exact.
+Identity holds up to one rounding of W_res to W's dtype. Needs a dense nn.Linear (no quantized bases).
+Trainable params per layer: r·(d_in + d_out), plus as many frozen.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import AdapterConfig
+from ..svd import top_r_svd
+from ..variant import ParamSpec, check_rank, register
+from .lora import LoRA
+
+
+@dataclass
+class PiSSAConfig(AdapterConfig):
+    variant = "pissa"
+    svd: str = "full"
+    niter: int = 4
+
+
+@register
+class PiSSA:
+    name = "pissa"
+    config = PiSSAConfig
+    needs_dense_weight = True
+
+    check = staticmethod(check_rank)
+    forward = staticmethod(LoRA.forward)
+    delta_weight = staticmethod(LoRA.delta_weight)
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {
+            "lora_A": ParamSpec((cfg.r, d_in)),
+            "lora_B": ParamSpec((d_out, cfg.r)),
+            "lora_A0": ParamSpec((cfg.r, d_in), trainable=False, as_buffer=True),
+            "lora_B0": ParamSpec((d_out, cfg.r), trainable=False, as_buffer=True),
+        }
+
+    @staticmethod
+    @torch.no_grad()
+    def init(layer, cfg):
+        U, S, Vh = top_r_svd(layer.weight, cfg.r, cfg.svd, cfg.niter)
+        root = (S / cfg.scale).sqrt()
+        for name, value in (("lora_A", root[:, None] * Vh), ("lora_B", U * root[None, :])):
+            getattr(layer, name).copy_(value)
+            getattr(layer, name + "0").copy_(value)
+
+    @staticmethod
+    def base_delta(layer):
+        return layer._lora_cfg.scale * (layer.lora_B0.float() @ layer.lora_A0.float())
