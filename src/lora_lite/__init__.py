@@ -7,14 +7,30 @@
 """
 
 from .config import ALL_LINEAR, AdapterConfig
-from .errors import (AttachStateError, CalibrationError, CheckpointError, ConfigError, LoraLiteError, TargetError,
-                     UnknownVariantError, UnsupportedLayerError)
+from .errors import (
+                     AttachStateError,
+                     CalibrationError,
+                     CheckpointError,
+                     ConfigError,
+                     LoraLiteError,
+                     TargetError,
+                     UnknownVariantError,
+                     UnsupportedLayerError,
+)
 from .io import load, save
 from .runtime import attach, detach
 from .target import find_targets
 from .variant import REGISTRY, ParamSpec, Variant, register
-from .variants import (DeLoRAConfig, DoRAConfig, HRAConfig, IA3Config, IA3FFConfig, LoRAConfig, PiSSAConfig,
-                       RoadConfig)
+from .variants import (
+                     DeLoRAConfig,
+                     DoRAConfig,
+                     HRAConfig,
+                     IA3Config,
+                     IA3FFConfig,
+                     LoRAConfig,
+                     PiSSAConfig,
+                     RoadConfig,
+)
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,13 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import AdapterConfig
-from .errors import AttachStateError, CalibrationError, ConfigError, UnknownVariantError, UnsupportedLayerError
+from .errors import (
+    AttachStateError,
+    CalibrationError,
+    ConfigError,
+    UnknownVariantError,
+    UnsupportedLayerError,
+)
 from .target import find_targets
 from .variant import REGISTRY
 
