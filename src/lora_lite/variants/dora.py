@@ -8,7 +8,9 @@ Magnitude times direction, with LoRA supplying the direction update:
 
 The row norm is factored so no d_out×d_in temporary is built:
     ‖W + sBA‖²_i = ‖W_i‖² + 2s·Σ_k B_ik (W Aᵀ)_ik + s²·Σ_k (B (A Aᵀ))_ik B_ik
-costing r·d_in·d_out once per call instead of per token. Identity at init: B = 0 and m = ‖W‖.
+costing r·d_in·d_out once per call instead of per token. Identity at init: B = 0 and m = ‖W‖, and the
+output is formed as y + (m/n − 1)⊙Wx + (m/n)⊙s·BAx (as PEFT does) with n rounded to m's dtype, so it is
+exact in bf16 too.
 Reads the dense weight in forward, so it needs a plain float nn.Linear.
 Trainable params per layer: r·(d_in + d_out) + d_out.
 """
@@ -58,13 +60,13 @@ class DoRA:
 
     @staticmethod
     def forward(layer, x, y):
-        with torch.no_grad():
-            norm = row_norm(layer)
-        bias = layer.bias
-        wx = y if bias is None else y - bias
-        magnitude = (layer.lora_m / norm).to(layer.lora_m.dtype)
-        out = magnitude * LoRA.forward(layer, x, wx)
-        return out if bias is None else out + bias
+        with torch.no_grad():  # in m's dtype, so m / n is exactly 1 at init even in bf16
+            norm = row_norm(layer).to(layer.lora_m.dtype)
+        magnitude = layer.lora_m / norm
+        wx = y if layer.bias is None else y - layer.bias
+        # y + [(m/n − 1) ⊙ Wx + (m/n) ⊙ s·BAx]: the untouched y (bias included) is never re-rounded
+        lora = F.linear(F.linear(x, layer.lora_A) * layer._lora_cfg.scale, layer.lora_B)
+        return y + ((magnitude - 1) * wx + magnitude * lora)
 
     @staticmethod
     def delta_weight(layer):
