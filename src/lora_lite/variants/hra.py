@@ -6,8 +6,8 @@ W is multiplied on the input side by an orthogonal R, a chain of r Householder r
     U: (r, d_in) trainable, one reflection vector per row          (PEFT stores Uᵀ as hra_u)
 
 R is applied to x in a pre-hook, in compact WY form rather than r sequential rank-1 updates:
-    R = I − Yᵀ T Y,   Y = rows ū_i (r, d_in),   T = (½ I + striu(Y Yᵀ))⁻¹  upper-triangular (r, r)
-    x Rᵀ = x − ((x Yᵀ) Tᵀ) Y                 two skinny matmuls + one r×r triangular solve per call.
+    R = I − Uᵀ T U,   T = (½ diag(U Uᵀ) + striu(U Uᵀ))⁻¹  upper-triangular (r, r)
+    x Rᵀ = x − ((x Uᵀ) Tᵀ) U                 two skinny matmuls + one r×r triangular solve per call.
 Init is PEFT's symmetric one: adjacent rows are equal, so H_{2k} H_{2k+1} = I and R = I exactly, while U
 still gets a gradient at step 0. That needs an even r. Matches PEFT's reflection order (x Rᵀ, not x R).
 No Gram-Schmidt option; the paper's orthogonality regulariser is a loss term left to the user.
@@ -38,14 +38,17 @@ def _paired_kaiming(t: torch.Tensor) -> None:
 
 
 def wy_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Y (r, d_in) with unit rows, and Tᵀ (r, r), such that R = I − Yᵀ T Y."""
+    """U (r, d_in) as stored, and Tᵀ (r, r), such that R = I − Uᵀ T U.
+
+    T⁻¹ = striu(U Uᵀ) + ½ diag(U Uᵀ) holds for rows of any length, so U is never normalised: with the paired
+    init, T's two columns for a pair are exact opposites and the correction cancels exactly, even in bf16.
+    """
     U = layer.lora_U
-    Y = U / U.norm(dim=1, keepdim=True).clamp_min(1e-6)
-    Yf = Y.float()
-    eye = torch.eye(Y.shape[0], dtype=torch.float32, device=Y.device)
-    S = torch.triu(Yf @ Yf.T, diagonal=1) + 0.5 * eye
+    G = U.float() @ U.float().T
+    eye = torch.eye(U.shape[0], dtype=torch.float32, device=U.device)
+    S = torch.triu(G, diagonal=1) + torch.diag(0.5 * G.diagonal().clamp_min(1e-12))
     T = torch.linalg.solve_triangular(S, eye, upper=True)
-    return Y, T.T.to(Y.dtype)
+    return U, T.T.to(U.dtype)
 
 
 @register
@@ -69,12 +72,12 @@ class HRA:
 
     @staticmethod
     def forward_input(layer, x):
-        Y, Tt = wy_factors(layer)
-        return x - F.linear(F.linear(x, Y) @ Tt, Y.T)
+        U, Tt = wy_factors(layer)
+        return x - F.linear(F.linear(x, U) @ Tt, U.T)
 
     @staticmethod
     def rotation(layer) -> torch.Tensor:
         """The explicit (d_in, d_in) R, for merging and tests."""
-        Y, Tt = wy_factors(layer)
-        Y, T = Y.float(), Tt.float().T
-        return torch.eye(Y.shape[1], device=Y.device) - Y.T @ T @ Y
+        U, Tt = wy_factors(layer)
+        U, T = U.float(), Tt.float().T
+        return torch.eye(U.shape[1], device=U.device) - U.T @ T @ U
