@@ -143,7 +143,9 @@ def _add_tensors(layer, variant, cfg, name, role, specs, state_dict):
     layer._lora_tensor_names = list(specs)
     for tname, spec in specs.items():
         if state_dict is not None:
-            t = state_dict[f"{name}.{tname}"].to(device)
+            # always a fresh copy: safetensors hands back buffers that are not 64-byte aligned, and on CPU
+            # an unaligned operand sends matmuls down another kernel path, so reloaded outputs drift by an ulp
+            t = state_dict[f"{name}.{tname}"].to(device, copy=True)
             dtype = t.dtype
         else:
             t = spec.make_tensor(dtype, device)
