@@ -1,0 +1,186 @@
+"""Parity with HF PEFT (0.21.x) for every variant we share with it.
+
+Same base (tiny Qwen3 with random biases, fp32), same adapter tensors: ours are set to random non-identity
+values (pairs broken, gates away from 1) and copied into PEFT's modules, mapping names and layouts (PEFT's
+hra_u is our lora_U transposed, its ia3_l is (d_out, 1) or (1, d_in)). Logits and the gradient of every adapter
+tensor must agree within 1e-5 relative. The largest absolute differences are printed in the terminal summary.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import lora_lite as ll
+from conftest import fresh_model
+from variant_cases import gsm8k_batches
+
+peft = pytest.importorskip("peft")
+
+RTOL = 1e-5
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_DIFFS: dict[str, tuple[float, float]] = {}  # id -> (logits, grads)
+
+
+@dataclass(frozen=True)
+class Pair:
+    ours: Callable[[], ll.AdapterConfig]
+    theirs: Callable[[], object]
+    # our tensor name -> (PEFT's module-attribute name, ours->theirs layout, theirs->ours layout)
+    tensors: dict[str, tuple[str, Callable, Callable]]
+    randomize: Callable[[str, torch.Tensor, torch.nn.Module], torch.Tensor]
+
+
+def same(t):
+    return t
+
+
+def factors(tname, t, layer):
+    return torch.randn_like(t) * (0.3 if tname == "lora_A" else 0.05)
+
+
+def dora_values(tname, t, layer):
+    if tname == "lora_m":
+        return layer.weight.norm(dim=1) * (1 + 0.2 * torch.randn_like(t))
+    return factors(tname, t, layer)
+
+
+def delora_values(tname, t, layer):
+    return torch.tensor([2.5]) if tname == "lora_lambda" else factors(tname, t, layer)
+
+
+def gate_values(tname, t, layer):
+    return 1 + 0.3 * torch.randn_like(t)
+
+
+def road_values(tname, t, layer):
+    return 0.5 * torch.randn_like(t) + (1.0 if tname == "lora_road_alpha" else 0.0)
+
+
+LORA_AB = {"lora_A": ("lora_A", same, same), "lora_B": ("lora_B", same, same)}
+
+
+def road_pair(variant):
+    return Pair(lambda: ll.RoadConfig(road_variant=variant, group_size=8),
+                lambda: peft.RoadConfig(variant=variant, group_size=8, target_modules=LINEAR),
+                {"lora_road_theta": ("road_theta", same, same), "lora_road_alpha": ("road_alpha", same, same)},
+                road_values)
+
+
+PAIRS = {
+    "lora": Pair(lambda: ll.LoRAConfig(r=4, alpha=5),
+                 lambda: peft.LoraConfig(r=4, lora_alpha=5, target_modules=LINEAR), LORA_AB, factors),
+    "dora": Pair(lambda: ll.DoRAConfig(r=4, alpha=5),
+                 lambda: peft.LoraConfig(r=4, lora_alpha=5, target_modules=LINEAR, use_dora=True),
+                 {**LORA_AB, "lora_m": ("lora_magnitude_vector", same, same)}, dora_values),
+    "pissa": Pair(lambda: ll.PiSSAConfig(r=4, alpha=5),
+                  lambda: peft.LoraConfig(r=4, lora_alpha=5, target_modules=LINEAR, init_lora_weights="pissa"),
+                  LORA_AB, factors),
+    "delora": Pair(lambda: ll.DeLoRAConfig(r=4, lambda0=1.0),
+                   lambda: peft.DeloraConfig(r=4, delora_lambda=1, target_modules=LINEAR),
+                   {"lora_A": ("delora_A", same, same), "lora_B": ("delora_B", same, same),
+                    "lora_lambda": ("delora_lambda", same, same)}, delora_values),
+    "ia3": Pair(lambda: ll.IA3Config(),
+                lambda: peft.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]),
+                {"lora_g": ("ia3_l", lambda t: t[:, None], lambda t: t[:, 0])}, gate_values),
+    "ia3_ff": Pair(lambda: ll.IA3FFConfig(),
+                   lambda: peft.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]),
+                   {"lora_g": ("ia3_l", lambda t: t[None, :], lambda t: t[0])}, gate_values),
+    "hra": Pair(lambda: ll.HRAConfig(r=4), lambda: peft.HRAConfig(r=4, target_modules=LINEAR),
+                {"lora_U": ("hra_u", lambda t: t.T, lambda t: t.T)}, lambda n, t, layer: torch.randn_like(t)),
+    "road_1": road_pair("road_1"),
+    "road_2": road_pair("road_2"),
+    "road_4": road_pair("road_4"),
+}
+
+
+def forward_backward(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.logits.detach()
+
+
+class ParitySummary:
+    """A plugin registered on first use, so the numbers reach the terminal summary (fixture output is captured)."""
+
+    def pytest_terminal_summary(self, terminalreporter):
+        terminalreporter.write_sep("-", f"PEFT {peft.__version__} parity: largest absolute difference (fp32)")
+        for key, (dl, dg) in sorted(MAX_DIFFS.items()):
+            what = "W_res, A, B" if key == "pissa init" else f"logits {dl:.3g}   adapter grads {dg:.3g}"
+            terminalreporter.write_line(f"{key:10s} " + (f"{what} {dl:.3g}" if key == "pissa init" else what))
+
+
+@pytest.fixture(scope="module")
+def summary(request):
+    if not request.config.pluginmanager.has_plugin("lora_lite_peft_parity"):
+        request.config.pluginmanager.register(ParitySummary(), "lora_lite_peft_parity")
+    return MAX_DIFFS
+
+
+def rel_err(a, b) -> tuple[float, float]:
+    diff = (a - b).abs().max().item()
+    return diff, diff / max(b.abs().max().item(), 1e-30)
+
+
+@pytest.mark.parametrize("key", sorted(PAIRS))
+def test_matches_peft(key, summary):
+    pair = PAIRS[key]
+    base = fresh_model("qwen")
+    (b,) = gsm8k_batches(base, n_batches=1, batch_size=2, max_length=16)
+    batch = {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
+    ours = copy.deepcopy(base)
+    ll.attach(ours, pair.ours())
+    theirs = peft.get_peft_model(copy.deepcopy(base), pair.theirs())
+    layers = ll.runtime.adapter_layers(ours)
+    assert layers, "no adapted layers"
+
+    if key == "pissa":  # PEFT's own init must give our W_res and factors
+        init_diff = 0.0
+        for name, layer in layers.items():
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            for ours_t, theirs_t in ((layer.weight, peft_layer.base_layer.weight),
+                                     (layer.lora_A, peft_layer.lora_A["default"].weight),
+                                     (layer.lora_B, peft_layer.lora_B["default"].weight)):
+                diff, rel = rel_err(ours_t, theirs_t)
+                init_diff = max(init_diff, diff)
+                assert rel <= RTOL, f"pissa init of {name} differs from PEFT's by {diff:.3g}"
+            with torch.no_grad():  # the same residual on both sides, so only the adapter forward is compared
+                peft_layer.base_layer.weight.copy_(layer.weight)
+        summary["pissa init"] = (init_diff, float("nan"))
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            for tname, (attr, to_theirs, _) in pair.tensors.items():
+                value = pair.randomize(tname, getattr(layer, tname), layer).to(getattr(layer, tname).dtype)
+                getattr(layer, tname).copy_(value)
+                target = getattr(peft_layer, attr)["default"]
+                target = target.weight if isinstance(target, torch.nn.Module) else target
+                target.copy_(to_theirs(value))
+
+    logits_ours, logits_theirs = forward_backward(ours, batch), forward_backward(theirs, batch)
+    with torch.no_grad():
+        logits_base = base(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert (logits_ours - logits_base).abs().max() > 1e-3, "the adapter is still at identity: the test is vacuous"
+    max_logit, rel_logit = rel_err(logits_ours, logits_theirs)
+    assert rel_logit <= RTOL, f"{key}: logits differ by {max_logit:.3g} ({rel_logit:.3g} relative)"
+    max_grad = 0.0
+    for name, layer in layers.items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        for tname, (attr, _, to_ours) in pair.tensors.items():
+            target = getattr(peft_layer, attr)["default"]
+            target = target.weight if isinstance(target, torch.nn.Module) else target
+            g_ours, g_theirs = getattr(layer, tname).grad, to_ours(target.grad)
+            assert g_ours is not None and g_theirs is not None, f"{name}.{tname}: missing gradient"
+            assert g_theirs.abs().max() > 0, f"{name}.{tname}: zero gradient, nothing to compare"
+            diff, rel = rel_err(g_ours, g_theirs)
+            max_grad = max(max_grad, diff)
+            assert rel <= RTOL, f"{key}: grad of {name}.{tname} differs by {diff:.3g} ({rel:.3g} relative)"
+    summary[key] = (max_logit, max_grad)
+    print(f"PEFT parity {key}: max |logits diff| {max_logit:.3g}, max |grad diff| {max_grad:.3g}")

@@ -1,0 +1,130 @@
+"""The prototype's recorded bugs (seed_spec §10), each pinned by a test that the old code fails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lora_lite as ll
+from conftest import fresh_model
+from lora_lite.runtime import adapter_layers
+from lora_lite.variants.road import Road
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+def one_layer(model, cfg):
+    ll.attach(model, cfg)
+    return adapter_layers(model)[Q] if Q in adapter_layers(model) else next(iter(adapter_layers(model).values()))
+
+
+def test_hra_applies_R_on_the_input_side_in_the_right_order():
+    """§10.6: with the pairs broken, the layer must compute x (W R)ᵀ + b with R = H_0 H_1 … H_{r−1}.
+
+    The symmetric init hides an order bug (R = Rᵀ at t=0), so U is perturbed first.
+    """
+    torch.manual_seed(0)
+    layer = one_layer(fresh_model("qwen"), ll.HRAConfig(r=4, target_names=(rf"{Q}$",)))
+    with torch.no_grad():
+        layer.lora_U.add_(0.1 * torch.randn_like(layer.lora_U))
+    R = torch.eye(layer.in_features)
+    for u in layer.lora_U:
+        R = R @ (torch.eye(layer.in_features) - 2 * torch.outer(u, u) / (u @ u))
+    assert not torch.allclose(R, R.T, atol=1e-3), "pairs not broken: R is symmetric, the test would not see order"
+    x = torch.randn(3, 5, layer.in_features)
+    expected = F.linear(x, layer.weight @ R, layer.bias)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ll.variants.HRA.rotation(layer), R, rtol=0, atol=1e-5)
+
+
+def test_dora_with_bias_keeps_identity_and_does_not_rescale_the_bias():
+    """§10.8: y' = (m/‖V‖) ⊙ (x Vᵀ) + b; the prototype scaled b along with everything else."""
+    model = fresh_model("qwen")
+    layer = one_layer(model, ll.DoRAConfig(r=4, target_names=(rf"{Q}$",)))
+    assert layer.bias is not None and layer.bias.abs().max() > 0
+    x = torch.randn(3, layer.in_features)
+    base = F.linear(x, layer.weight, layer.bias)
+    assert torch.equal(layer(x), base), "identity at init"
+    with torch.no_grad():
+        layer.lora_m.mul_(2.0)  # B = 0, so V = W and the magnitude factor is exactly 2
+    torch.testing.assert_close(layer(x), 2 * F.linear(x, layer.weight) + layer.bias, rtol=1e-6, atol=1e-6)
+
+
+def test_delora_default_lambda_gives_B_a_gradient_at_step_0():
+    """§10.5: λ0 = 0 (or a normalised B) left every gradient dead; B = 0 still gets one through the clamp."""
+    assert ll.DeLoRAConfig().lambda0 > 0
+    layer = one_layer(fresh_model("qwen"), ll.DeLoRAConfig(r=4, target_names=(rf"{Q}$",)))
+    layer(torch.randn(4, layer.in_features)).square().sum().backward()
+    assert layer.lora_B.grad.abs().max() > 0
+    assert layer.lora_lambda.grad.abs().max() == 0 and layer.lora_A.grad.abs().max() == 0  # both need B ≠ 0
+
+
+@pytest.mark.parametrize("lambda0", [0.0, -1.0])
+def test_delora_rejects_nonpositive_lambda0(lambda0):
+    with pytest.raises(ll.ConfigError, match="lambda0"):
+        ll.attach(fresh_model("qwen"), ll.DeLoRAConfig(r=4, lambda0=lambda0))
+
+
+def rewrite(src, dst, edit):
+    with safe_open(str(src), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(src))
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=metadata)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop(sorted(t)[0]), r"missing lora keys \['model.layers.0.mlp.down_proj.lora_A'\]"),
+    (lambda t: t.__setitem__(f"{Q}.lora_extra", torch.zeros(2)), rf"unexpected lora keys \['{Q}.lora_extra'\]"),
+], ids=["missing", "unexpected"])
+def test_load_is_strict_about_keys(tmp_path, edit, message):
+    """§10.3: a file with a missing or an extra lora_ tensor is refused, and the model is left alone."""
+    model = fresh_model("qwen")
+    ll.attach(model, ll.LoRAConfig(r=4))
+    ll.save(model, tmp_path / "good.safetensors")
+    rewrite(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", edit)
+    target = fresh_model("qwen")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ll.CheckpointError, match=message):
+        ll.load(target, tmp_path / "bad.safetensors")
+    assert target.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    assert not hasattr(target, "_lora_lite")
+
+
+def test_no_matching_target_is_an_error():
+    with pytest.raises(ll.TargetError, match="no target layers matched"):
+        ll.attach(fresh_model("qwen"), ll.LoRAConfig(target_names=(r"nothing_here$",)))
+
+
+@pytest.mark.parametrize("road_variant", ["road_1", "road_2", "road_4"])
+def test_road_fast_path_equals_the_explicit_rotation(road_variant):
+    torch.manual_seed(0)
+    layer = one_layer(fresh_model("qwen"), ll.RoadConfig(road_variant=road_variant, group_size=8,
+                                                         target_names=(rf"{Q}$",)))
+    with torch.no_grad():
+        layer.lora_road_theta.normal_(0, 0.7)
+        layer.lora_road_alpha.normal_(1, 0.3)
+    x = torch.randn(3, 4, layer.in_features)
+    y = F.linear(x, layer.weight, layer.bias)
+    R = Road.rotation(layer)
+    assert not torch.allclose(R, torch.diag(torch.diagonal(R))), "rotation has no off-diagonal part"
+    torch.testing.assert_close(layer(x), y @ R.T, rtol=0, atol=1e-6)
+
+
+def test_ia3_ff_gates_the_input_of_down_proj():
+    """§10.7: the FFN gate scales the intermediate activation entering down_proj, not up_proj's output."""
+    model = fresh_model("qwen")
+    ll.attach(model, ll.IA3FFConfig())
+    layers = adapter_layers(model)
+    assert sorted(layers) == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    layer = layers["model.layers.0.mlp.down_proj"]
+    assert layer.lora_g.shape == (layer.in_features,)
+    with torch.no_grad():
+        layer.lora_g.uniform_(0.5, 1.5)
+    x = torch.randn(3, layer.in_features)
+    torch.testing.assert_close(layer(x), F.linear(x * layer.lora_g, layer.weight, layer.bias), rtol=0, atol=1e-6)
+
