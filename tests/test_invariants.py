@@ -58,7 +58,9 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
 
 
 def base_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    """Every non-adapter parameter and buffer, non-persistent ones (rotary inv_freq) included."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {k: v.detach().clone() for k, v in tensors.items() if "lora_" not in k}
 
 
 @dataclass
@@ -180,7 +182,7 @@ def test_detach_restores_base(name, dtype, kind):
         opt.zero_grad()
     assert not torch.equal(logits(model, kind, dtype), base), "training left the adapter at identity"
     ll.detach(model)
-    after = model.state_dict()
+    after = base_state(model)
     assert after.keys() == before.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"detach left changed weights: {changed[:5]}"
