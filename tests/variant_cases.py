@@ -1,6 +1,8 @@
 """How the invariant matrix (tests/test_invariants.py) exercises each variant: one `Case` per registered name.
 
-Adding a variant to the matrix is one entry in CASES. `test_every_registered_variant_has_a_case` fails when a
+Adding a variant to the matrix is one entry in CASES, e.g. for a data-driven init:
+    "eva": Case(lambda kind: ll.EVAConfig(r=4), lr=1e-2, identity_tol=EXACT,
+                calibration=lambda model: gsm8k_batches(model), grad_from_step1=("lora_A",)), `test_every_registered_variant_has_a_case` fails when a
 variant in lora_lite.REGISTRY has none, so nothing escapes the matrix.
 
 Model kinds are "qwen" (tiny Qwen3 from a config, attention_bias=True, dims 64/32/128) and "stories" (the real
