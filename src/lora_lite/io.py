@@ -7,29 +7,33 @@ plus string metadata:
     targets      JSON list of the adapted module names
 
 Data-driven and SVD inits store what they computed (as frozen `lora_*` buffers), so load() never needs
-calibration data and never recomputes an SVD. Everything in the file is checked against the model before
-the model is touched.
+calibration data and never recomputes an SVD. The file is untrusted: lora_lite.validate checks its header,
+metadata, values and fit to the model before the model is touched (see docs/errors.md for every refusal).
+
+Every write here is atomic (temp file in the same directory, flush, fsync, rename, fsync the directory): a
+crash leaves the old file or the new one, never a torn mix. The benchmark writes its results through the
+same helpers. A process killed mid-write can leave a hidden `.<name>.*.tmp` next to the target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 from torch import nn
 
+from . import validate
 from .config import AdapterConfig
-from .errors import AttachStateError, CheckpointError, LoraLiteError
-from .runtime import _attach, _plan_layer, get_state, variant_of
-from .target import find_targets
-
-FORMAT = "lora-lite"
-FORMAT_VERSION = "1"
+from .errors import AttachStateError, CheckpointError
+from .runtime import _attach, get_state, variant_of
+from .validate import FORMAT, FORMAT_VERSION
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -37,103 +41,100 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     state = get_state(model)
     if state is None:
         raise AttachStateError("save() found no adapter on this model; attach or load one first")
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"save() target {str(path)!r} is a directory; pass a file path such as "
+                              f"{str(path / 'adapter.safetensors')!r}")
     tensors = {}
     for name, layer in state.layers.items():
         for tname in layer._lora_tensor_names:
             tensors[f"{name}.{tname}"] = getattr(layer, tname).detach().to("cpu").contiguous()
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": state.cfg.to_json(),
                 "targets": json.dumps(list(state.layers))}
-    path = Path(path)
-    atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+    except OSError as e:
+        raise CheckpointError(f"could not write {str(path)!r} ({e}); any previous file there is unchanged. "
+                              "Check the directory exists, is writable and has free space") from None
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync it, then rename over `path`.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path`; when the block succeeds, fsync it and rename it over `path`.
 
-    A crash at any point leaves either the old file or the new one, never a torn mix.
+    If the block (or the rename) raises, the temp file is deleted and `path` is left as it was. The new file
+    keeps the mode of the file it replaces (0o644 if there was none), not mkstemp's 0o600.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable; Windows cannot open directories
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically: a crash leaves either the old file or the new one, never a torn mix."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """JSON with sorted keys, indent 2 and no NaN/inf (strict JSON readers reject them)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, list[str], dict[str, torch.Tensor]]:
     """Parse and validate an adapter file on its own (no model): config, target names, tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"adapter file {str(path)!r} does not exist; pass the path save() wrote")
+    path = validate.check_path(path)
+    meta, entries = validate.read_header(path)
+    cfg, targets = validate.parse_metadata(meta, path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            _check_metadata(meta, path)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        if isinstance(e, LoraLiteError):
-            raise
-        raise CheckpointError(f"{str(path)!r} is not a readable safetensors adapter file ({e}); it is truncated, "
-                              "corrupt or not written by lora_lite.save") from None
-    try:
-        cfg = AdapterConfig.from_dict(json.loads(meta["config"]))
-        targets = json.loads(meta["targets"])
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{str(path)!r} has malformed config/targets metadata ({e}); re-save the adapter") from None
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise CheckpointError(f"{str(path)!r}: metadata 'targets' must be a list of module names")
+            if set(f.keys()) != set(entries):
+                raise CheckpointError(f"{str(path)!r} changed while it was being read; load it again")
+            tensors = {k: f.get_tensor(k) for k in entries}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); it is truncated or "
+                              "corrupt: re-download it or re-save it with lora_lite.save") from None
+    if any((t.dtype, tuple(t.shape)) != entries[k] for k, t in tensors.items()):
+        raise CheckpointError(f"{str(path)!r} changed while it was being read; load it again")
+    validate.check_finite(tensors, path)
     return cfg, targets, tensors
-
-
-def _check_metadata(meta: dict, path: Path) -> None:
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a lora-lite adapter (metadata format={meta.get('format')!r}, "
-                              f"expected {FORMAT!r}); for PEFT directories use lora_lite.import_peft")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{str(path)!r} has format_version {meta.get('format_version')!r}; this lora-lite "
-                              f"reads version {FORMAT_VERSION}. Upgrade lora-lite or re-save the adapter")
-    for key in ("config", "targets"):
-        if key not in meta:
-            raise CheckpointError(f"{str(path)!r} lacks the {key!r} metadata entry; re-save it with lora_lite.save")
 
 
 def load(model: nn.Module, path: str | os.PathLike):
     """Attach the adapter stored at `path` to `model`, with its trained values. Returns the hook handles.
 
-    The model must be the same base the adapter was trained on. Every tensor name, shape and dtype and the
-    set of target layers are checked first; on any mismatch the model is left untouched.
+    The model must be the same base the adapter was trained on. The file's header, metadata and values, and
+    every tensor's name, shape and dtype against the target layers, are checked first; on any failure a
+    LoraLiteError is raised and the model is left exactly as it was.
     """
     cfg, targets, tensors = read_adapter_file(path)
     variant = variant_of(cfg)
     if get_state(model) is not None:
         raise AttachStateError("this model already carries an adapter; call lora_lite.detach(model) before load()")
-    matched = {name: layer for name, layer, _ in find_targets(model, cfg)}
-    if sorted(matched) != sorted(targets):
-        missing, extra = sorted(set(targets) - set(matched)), sorted(set(matched) - set(targets))
-        raise CheckpointError(f"{str(path)!r} was saved for other layers: in the file but not matched on this model "
-                              f"{missing[:5]}, matched here but not in the file {extra[:5]}. Load it onto the "
-                              "architecture it was trained on")
-    expected = {}
-    for name, layer in matched.items():
-        for tname, spec in _plan_layer(variant, cfg, name, layer).items():
-            expected[f"{name}.{tname}"] = spec.shape
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{str(path)!r} does not match variant {cfg.variant!r}: missing lora keys {missing[:5]}, "
-                              f"unexpected lora keys {unexpected[:5]}. The file is damaged or from another version")
-    dtypes = {t.dtype for t in tensors.values()}
-    for key, shape in expected.items():
-        t = tensors[key]
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{key} has shape {tuple(t.shape)} in {str(path)!r} but this model needs {tuple(shape)}; "
-                                  "the adapter was trained on a different base model")
-        if not t.dtype.is_floating_point or len(dtypes) != 1:
-            raise CheckpointError(f"{key} has dtype {t.dtype}; adapter tensors must share one float dtype "
-                                  f"(found {sorted(map(str, dtypes))})")
-    return _attach(model, cfg, calibration_data=None, state_dict=tensors)
+    plan = validate.fit_to_model(model, variant, cfg, targets, tensors, Path(path))
+    return _attach(model, cfg, calibration_data=None, state_dict=tensors, targets=plan)

@@ -5,8 +5,9 @@ one forward hook per layer (a pre-hook for input-side variants). No module is re
 bitsandbytes layers and everything else about the model stay as they were.
 
 attach is a transaction: every check runs before the model is touched, and if anything fails after that
-(an init, a calibration pass) the model is rolled back to exactly what it was: same weights bit for bit,
-same requires_grad flags, no hooks, no stray attributes.
+(an init, a calibration pass, a KeyboardInterrupt) the model is rolled back to exactly what it was: same
+weights bit for bit, same requires_grad and train/eval flags, no hooks, no stray attributes, parameters or
+buffers (lora_lite.transaction catches what a variant added on its own).
 
 Weight rewriting (PiSSA, the SVD family) goes through one path: a variant exposes `base_delta(layer)`, the
 runtime keeps a CPU copy of W, writes W - base_delta into the layer, and copies W back on detach.
@@ -29,6 +30,7 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .target import find_targets
+from .transaction import ModelSnapshot
 from .variant import REGISTRY
 
 STATE_ATTR = "_lora_lite"
@@ -80,7 +82,8 @@ def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None) -> list[
     return _attach(model, cfg, calibration_data=calibration_data, state_dict=None)
 
 
-def _attach(model, cfg, *, calibration_data, state_dict):
+def _attach(model, cfg, *, calibration_data, state_dict, targets=None):
+    """attach() and load() share this. load() passes the checked tensors and the targets it resolved by name."""
     variant = variant_of(cfg)
     if get_state(model) is not None:
         raise AttachStateError("this model already carries an adapter; call lora_lite.detach(model) first "
@@ -88,13 +91,14 @@ def _attach(model, cfg, *, calibration_data, state_dict):
     if state_dict is None and getattr(variant, "requires_calibration", False) and calibration_data is None:
         raise CalibrationError(f"variant {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
                                "(model inputs, e.g. dicts with input_ids and attention_mask) to attach()")
-    targets = find_targets(model, cfg)
+    targets = find_targets(model, cfg) if targets is None else targets
     plans = [(name, layer, role, _plan_layer(variant, cfg, name, layer)) for name, layer, role in targets]
 
+    snapshot = ModelSnapshot(model)
     state = AttachState(cfg=cfg, variant=variant)
     state.trainable_before = [p for p in model.parameters() if p.requires_grad]
-    setattr(model, STATE_ATTR, state)
     try:
+        setattr(model, STATE_ATTR, state)
         model.requires_grad_(False)
         for name, layer, role, specs in plans:
             state.layers[name] = layer  # registered first, so a failure inside _add_tensors is rolled back
@@ -111,7 +115,10 @@ def _attach(model, cfg, *, calibration_data, state_dict):
             for layer in state.layers.values():
                 _apply_residual(layer)
     except BaseException:
-        _rollback(model)
+        try:
+            _rollback(model, state)
+        finally:
+            snapshot.restore()
         raise
     return list(state.handles)
 
@@ -190,8 +197,8 @@ def detach(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _rollback(model):
-    state = get_state(model)
+def _rollback(model, state=None):
+    state = get_state(model) if state is None else state
     for h in state.handles:
         h.remove()
     for layer in state.layers.values():
@@ -207,7 +214,8 @@ def _rollback(model):
                 delattr(layer, attr)
     for p in state.trainable_before:
         p.requires_grad_(True)
-    delattr(model, STATE_ATTR)
+    if STATE_ATTR in model.__dict__:
+        delattr(model, STATE_ATTR)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:

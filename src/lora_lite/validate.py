@@ -1,0 +1,217 @@
+"""Checks on an adapter file, run before safetensors maps its data and before the model is touched.
+
+An adapter file may come from a stranger, so nothing in it is trusted:
+  header    read by hand first. Its declared length must fit inside the file (and MAX_HEADER_BYTES); it must
+            be a UTF-8 JSON object with no duplicate keys and no NaN literals; every tensor entry needs a float
+            dtype (F16, BF16, F32, F64), a shape whose byte size equals its offsets, and the offsets must tile
+            the data section exactly (no gap, no overlap, nothing past the end). A file that declares terabytes
+            is refused before anything is allocated: memory stays within the file's size.
+  metadata  format, format_version, a config that rebuilds a typed AdapterConfig, a list of unique targets.
+  values    every tensor must be finite. NaN/inf is refused (the run that wrote it diverged); never loaded.
+  model     every target must be a linear layer of the model; every tensor's name, shape and dtype must be
+            what the variant would create on that layer.
+Any failure raises CheckpointError (UnknownVariantError for an unregistered variant) naming the file.
+
+Target layers are resolved by their exact names in the file; the config's regexes are never run at load
+time, so a hostile pattern cannot stall load (catastrophic backtracking).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .errors import CheckpointError, ConfigError, TargetError
+from .runtime import _plan_layer
+from .target import d_model, is_linear_like, role_of
+
+FORMAT = "lora-lite"
+FORMAT_VERSION = "1"
+MAX_HEADER_BYTES = 8 * 2**20  # ~100 bytes per tensor entry: room for ~80k adapter tensors
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def check_path(path: str | os.PathLike) -> Path:
+    try:
+        path = Path(path)
+        mode = path.stat().st_mode
+    except TypeError:
+        raise CheckpointError(f"load() needs a file path (str or os.PathLike), got {type(path).__name__}") from None
+    except OSError as e:
+        raise CheckpointError(f"adapter file {str(path)!r} cannot be opened ({e.strerror}); pass the path "
+                              "lora_lite.save() wrote") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"{str(path)!r} is a directory; load() reads one .safetensors file written by "
+                              "lora_lite.save(). Pass that file's path (PEFT directories go through import_peft)")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{str(path)!r} is not a regular file (a pipe, socket or device); copy the adapter "
+                              "to a regular .safetensors file first")
+    return path
+
+
+def read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """(metadata, {tensor name: (dtype, shape)}) from a safetensors file, checked without trusting any size."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _bad(path, f"it has {size} bytes, fewer than the 8-byte header length every safetensors file "
+                             "starts with; the file is truncated or empty")
+        n = int.from_bytes(prefix, "little")
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            raise _bad(path, f"it declares a {n}-byte header but holds {size - 8} bytes after the length field "
+                             f"(limit {MAX_HEADER_BYTES}); the file is truncated or corrupt")
+        raw = f.read(n)
+    header = _parse_json(raw, path, "header")
+    if not isinstance(header, dict):
+        raise _bad(path, f"its header is a JSON {type(header).__name__}, expected an object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _bad(path, "its __metadata__ must be an object of strings")
+    entries, spans = {}, []
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _check_entry(name, entry, path)
+        entries[name] = (dtype, shape)
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise _bad(path, f"tensor {name!r} starts at byte {begin} of the data section, expected {position}: "
+                             "tensors overlap or leave a gap")
+        position = end
+    if position != size - 8 - n:
+        raise _bad(path, f"its tensors cover {position} bytes but the data section has {size - 8 - n}; the file "
+                         "is truncated or has trailing bytes")
+    return meta, entries
+
+
+def _check_entry(name: str, entry, path: Path):
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
+        raise _bad(path, f"header entry {name!r} must be an object with keys {sorted(_ENTRY_KEYS)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in _DTYPES:
+        raise _bad(path, f"tensor {name!r} has dtype {_short(dtype)}; adapter tensors are floating point "
+                         f"({', '.join(_DTYPES)})")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_size(d) for d in shape)):
+        raise _bad(path, f"tensor {name!r} has shape {_short(shape)}; expected a list of at most 8 sizes >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)):
+        raise _bad(path, f"tensor {name!r} has data_offsets {_short(offsets)}; expected [begin, end]")
+    nbytes = _DTYPES[dtype].itemsize
+    for d in shape:
+        nbytes *= d
+    if offsets[1] - offsets[0] != nbytes:
+        raise _bad(path, f"tensor {name!r} of shape {shape} and dtype {dtype} needs {nbytes} bytes but its "
+                         f"offsets {offsets} span {offsets[1] - offsets[0]}")
+    return _DTYPES[dtype], tuple(shape), offsets
+
+
+def parse_metadata(meta: dict[str, str], path: Path) -> tuple[AdapterConfig, list[str]]:
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a lora-lite adapter (metadata format={_short(meta.get('format'))}, "
+                              f"expected {FORMAT!r}); for PEFT directories use lora_lite.import_peft")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{str(path)!r} has format_version {_short(meta.get('format_version'))}; this "
+                              f"lora-lite reads version {FORMAT_VERSION}. Upgrade lora-lite or re-save the adapter")
+    for key in ("config", "targets"):
+        if key not in meta:
+            raise CheckpointError(f"{str(path)!r} lacks the {key!r} metadata entry; re-save it with lora_lite.save")
+    try:
+        cfg = AdapterConfig.from_dict(_parse_json(meta["config"].encode(), path, "config metadata"))
+    except ConfigError as e:
+        raise CheckpointError(f"{str(path)!r} has an invalid config: {e}") from None
+    targets = _parse_json(meta["targets"].encode(), path, "targets metadata")
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        raise _bad(path, f"its 'targets' metadata is {_short(targets)}; expected a non-empty list of module names")
+    if len(set(targets)) != len(targets):
+        raise _bad(path, "its 'targets' metadata names a module twice")
+    return cfg, targets
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    for key, t in tensors.items():
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise CheckpointError(f"{key} in {str(path)!r} has {bad} NaN/inf values of {t.numel()}; lora-lite "
+                                  "refuses non-finite adapters. The training run diverged: lower the learning rate "
+                                  "and save from a finite step")
+
+
+def fit_to_model(model: nn.Module, variant: type, cfg: AdapterConfig, targets: list[str],
+                 tensors: dict[str, torch.Tensor], path: Path) -> list[tuple[str, nn.Module, str | None]]:
+    """Resolve the file's targets on `model` and check every tensor against them. Touches nothing."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hidden = d_model(model) if cfg.target_roles else 0
+    plan, expected = [], {}
+    for name in targets:
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            layer = None
+        if layer is None or layer is model or layer is head or not is_linear_like(layer):
+            raise CheckpointError(f"{str(path)!r} adapts {name!r}, which is not a linear layer of this model; it was "
+                                  "saved for another architecture. Load it onto the base model it was trained on")
+        try:
+            role = role_of(name, layer, hidden) if cfg.target_roles else None
+            if cfg.target_roles and role not in cfg.target_roles:
+                raise TargetError(f"{name!r} is a {role} layer but the config keeps only {cfg.target_roles}")
+            specs = _plan_layer(variant, cfg, name, layer)
+        except (ConfigError, TargetError) as e:
+            raise CheckpointError(f"{str(path)!r} does not fit layer {name!r} of this model: {e}") from None
+        dtypes = set()
+        for tname, spec in specs.items():
+            key = f"{name}.{tname}"
+            expected[key] = spec.shape
+            if key in tensors:
+                dtypes.add(tensors[key].dtype)
+        if len(dtypes) > 1 or (cfg.dtype is not None and dtypes - {cfg.dtype}):
+            want = cfg.dtype or "one float dtype"
+            raise CheckpointError(f"the tensors of {name!r} in {str(path)!r} have dtypes {sorted(map(str, dtypes))}; "
+                                  f"expected {want} for all of them. Re-save the adapter with lora_lite.save")
+        plan.append((name, layer, role))
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{str(path)!r} does not match variant {cfg.variant!r} on its targets: missing "
+                              f"tensors {missing[:5]}, unexpected tensors {unexpected[:5]}. The file is damaged or "
+                              "from another version; re-save it")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != tuple(shape):
+            raise CheckpointError(f"{key} has shape {tuple(tensors[key].shape)} in {str(path)!r} but this model "
+                                  f"needs {tuple(shape)}; the adapter was trained on a different base model")
+    return plan
+
+
+def _parse_json(raw: bytes, path: Path, what: str):
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _bad(path, f"its {what} is not valid JSON ({_short(str(e))})") from None
+
+
+def _is_size(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bad(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(f"{str(path)!r} is not a valid lora-lite adapter file: {problem}. Re-download it or "
+                           "re-save it with lora_lite.save")
