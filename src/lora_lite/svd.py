@@ -14,6 +14,14 @@ from .errors import ConfigError
 SVD_METHODS = ("full", "lowrank")
 
 
+def check_svd_options(cfg) -> None:
+    """For a variant's `check`: refuse a bad svd/niter before attach touches the model."""
+    if cfg.svd not in SVD_METHODS:
+        raise ConfigError(f"{cfg.variant}: svd={cfg.svd!r} is not one of {SVD_METHODS}")
+    if cfg.niter < 0:
+        raise ConfigError(f"{cfg.variant}: niter={cfg.niter} must be >= 0 (power iterations of svd='lowrank')")
+
+
 @torch.no_grad()
 def top_r_svd(W: torch.Tensor, r: int, method: str = "full", niter: int = 4, oversample: int = 8):
     """Return U (d_out, r), S (r,), Vh (r, d_in) in fp32 with W ≈ U diag(S) Vh."""

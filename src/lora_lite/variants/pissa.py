@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import AdapterConfig
-from ..svd import top_r_svd
+from ..svd import check_svd_options, top_r_svd
 from ..variant import ParamSpec, check_rank, register
 from .lora import LoRA
 
@@ -35,9 +35,13 @@ class PiSSA:
     config = PiSSAConfig
     needs_dense_weight = True
 
-    check = staticmethod(check_rank)
     forward = staticmethod(LoRA.forward)
     delta_weight = staticmethod(LoRA.delta_weight)
+
+    @staticmethod
+    def check(d_in, d_out, cfg):
+        check_rank(d_in, d_out, cfg)
+        check_svd_options(cfg)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
