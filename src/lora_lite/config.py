@@ -119,7 +119,7 @@ class AdapterConfig:
                                       f"{sorted(_CONFIGS)}. Import the module that registers it, or fix the name")
         cls = _CONFIGS[name]
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(map(_short, set(d) - known))
+        unknown = sorted(str(k)[:60] for k in set(d) - known)
         if unknown:
             raise ConfigError(f"config for {name!r} has unknown fields {unknown[:10]}; known fields: {sorted(known)}. "
                               "The file was written by a different lora-lite version or was edited")
