@@ -96,7 +96,7 @@ def _check_entry(name: str, entry, path: Path):
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
         raise _bad(path, f"header entry {name!r} must be an object with keys {sorted(_ENTRY_KEYS)}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise _bad(path, f"tensor {name!r} has dtype {_short(dtype)}; adapter tensors are floating point "
                          f"({', '.join(_DTYPES)})")
     if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_size(d) for d in shape)):
