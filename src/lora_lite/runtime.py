@@ -55,7 +55,8 @@ def variant_of(cfg: AdapterConfig) -> type:
     if not isinstance(cfg, AdapterConfig):
         raise ConfigError(f"cfg must be a variant config such as LoRAConfig(r=8), got {type(cfg).__name__}")
     if cfg.variant not in REGISTRY:
-        raise UnknownVariantError(f"unknown variant {cfg.variant!r}; registered variants: {sorted(REGISTRY)}")
+        raise UnknownVariantError(f"unknown variant {cfg.variant!r}; registered variants: {sorted(REGISTRY)}. "
+                                  "Import the module that registers it (its @lora_lite.register class)")
     return REGISTRY[cfg.variant]
 
 
