@@ -249,3 +249,27 @@ def test_hostile_regex_in_config_is_never_run(blob, model, tmp_path):
     path.write_bytes(with_config(blob, target_names=["(.|.)*!"], exclude_names=["(.|.)*!"]))
     ll.load(model, path)
     ll.detach(model)
+
+
+def test_loaded_tensors_do_not_map_the_file(blob, model, tmp_path):
+    """Overwriting the file in place after load (cp truncates first) must not crash training (SIGBUS)."""
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(blob)
+    ll.load(model, path)
+    os.truncate(path, 0)
+    x = torch.randint(0, 128, (1, 5))
+    loss = model(x, labels=x).loss
+    loss.backward()
+    ll.detach(model)
+
+
+def test_nan_found_anywhere_in_a_large_tensor(tmp_path):
+    from lora_lite.validate import check_finite
+
+    for position in (0, 7, 8, 4095, 500_000, 999_999):
+        for value in (float("nan"), float("inf"), -float("inf")):
+            t = torch.randn(1_000_000)
+            t[position] = value
+            with pytest.raises(ll.CheckpointError, match="1 NaN/inf values of 1000000"):
+                check_finite({"x.lora_A": t}, tmp_path)
+    check_finite({"x.lora_A": torch.randn(1_000_000), "x.lora_B": torch.empty(0, 3)}, tmp_path)

@@ -115,7 +115,9 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, list[str]
         with safe_open(str(path), framework="pt", device="cpu") as f:
             if set(f.keys()) != set(entries):
                 raise CheckpointError(f"{str(path)!r} changed while it was being read; load it again")
-            tensors = {k: f.get_tensor(k) for k in entries}
+            # get_tensor returns views of a memory map of the file; copy them, or a later in-place overwrite of
+            # the file (`cp new.safetensors adapter.safetensors`) would crash training with SIGBUS.
+            tensors = {k: f.get_tensor(k).clone() for k in entries}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}); it is truncated or "
                               "corrupt: re-download it or re-save it with lora_lite.save") from None
