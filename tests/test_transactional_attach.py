@@ -1,6 +1,6 @@
 """attach is a transaction: a failure at any stage leaves the model bit-identical, with nothing added.
 
-A test-only variant (PiSSA's math, so it rewrites W through base_delta and has buffers) fails on demand at
+A test-only variant (PiSSA's layout, so it rewrites W through base_delta and has buffers) fails on demand at
 each stage the runtime goes through, after some layers were already modified. A real variant covers the
 checks that must refuse before anything is touched.
 """
@@ -53,8 +53,12 @@ class Faulty:
         return {**PiSSA.param_specs(d_in, d_out, cfg), "lora_extra": ParamSpec((4,), _spec_init)}
 
     @staticmethod
+    @torch.no_grad()
     def init(layer, cfg):
-        PiSSA.init(layer, cfg)
+        """PiSSA's layout with random factors instead of an SVD (slow under CPU contention, and not under test)."""
+        for name in ("lora_A", "lora_B"):
+            getattr(layer, name + "0").normal_(0, 0.1)
+            getattr(layer, name).copy_(getattr(layer, name + "0"))
         _maybe_fail("init")
 
     @staticmethod

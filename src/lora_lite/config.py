@@ -10,18 +10,15 @@ from a downloaded file is held to the same rules as one typed by hand.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from .errors import ConfigError, UnknownVariantError
+from .typecheck import check_field, short_repr
 
 ALL_LINEAR = "all-linear"
 _CONFIGS: dict[str, type[AdapterConfig]] = {}
@@ -69,7 +66,7 @@ class AdapterConfig:
         if isinstance(self.target_names, str):
             self.target_names = (self.target_names,)
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _typed(type(self), f.name, getattr(self, f.name), _field_types(type(self))[f.name]))
+            setattr(self, f.name, check_field(type(self), f.name, getattr(self, f.name)))
         bad_roles = set(self.target_roles) - {"reader", "writer", "inner"}
         if bad_roles:
             raise ConfigError(f"target_roles has {sorted(bad_roles)}; allowed roles are reader, writer and inner")
@@ -108,12 +105,12 @@ class AdapterConfig:
     def from_dict(d: dict[str, Any]) -> AdapterConfig:
         """Rebuild a config from `to_dict` output (e.g. parsed JSON): every field is type- and range-checked."""
         if not isinstance(d, dict):
-            raise ConfigError(f"a config must be a dict (JSON object) with a 'variant' key, got {_short(d)} "
+            raise ConfigError(f"a config must be a dict (JSON object) with a 'variant' key, got {short_repr(d)} "
                               f"({type(d).__name__}); pass the output of cfg.to_dict()")
         d = dict(d)
         name = d.pop("variant", None)
         if not isinstance(name, str):
-            raise ConfigError(f"config has no 'variant' string (found {_short(name)}); add e.g. \"variant\": \"lora\"")
+            raise ConfigError(f"config has no 'variant' string (found {short_repr(name)}); add e.g. \"variant\": \"lora\"")
         if name not in _CONFIGS:
             raise UnknownVariantError(f"config names variant {name!r}, which is not registered; known variants: "
                                       f"{sorted(_CONFIGS)}. Import the module that registers it, or fix the name")
@@ -125,7 +122,7 @@ class AdapterConfig:
                               "The file was written by a different lora-lite version or was edited")
         if d.get("dtype") is not None:
             if not isinstance(d["dtype"], str) or d["dtype"] not in _DTYPES:
-                raise ConfigError(f"dtype {_short(d['dtype'])} is not one of {sorted(_DTYPES)} or null")
+                raise ConfigError(f"dtype {short_repr(d['dtype'])} is not one of {sorted(_DTYPES)} or null")
             d["dtype"] = _DTYPES[d["dtype"]]
         return cls(**d)
 
@@ -140,89 +137,3 @@ def registered_configs() -> dict[str, type[AdapterConfig]]:
     return dict(_CONFIGS)
 
 
-
-# ---- field type checks: run on every construction, so a config rebuilt from a file is as checked as a typed one
-
-_MAX_INT = 2**31  # every int field (r, group_size, niter, ...) is a size or a count; beyond this it is garbage
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _short(value: Any) -> str:
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print
-        return f"<{type(value).__name__} too large to print>"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _describe(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-
-
-def _typed(cls: type, name: str, value: Any, hint: Any) -> Any:
-    """`value` checked against the annotation `hint` (lists and ranges become tuples), or a ConfigError."""
-    ok, converted = _conform(value, hint)
-    if not ok:
-        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-        limits = " (ints must be below 2**31 in magnitude, floats finite)" if numeric else ""
-        raise ConfigError(f"{cls.__name__}.{name} must be {_describe(hint)}{limits}, got {_short(value)} "
-                          f"({type(value).__name__}); fix the value (in the file's 'config' metadata if it "
-                          "came from load)")
-    return converted
-
-
-def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True, value
-    if hint is type(None):
-        return value is None, value
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            ok, converted = _conform(value, option)
-            if ok:
-                return True, converted
-        return False, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < _MAX_INT, value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, value
-        try:
-            value = float(value)
-        except OverflowError:
-            return False, value
-        return math.isfinite(value), value
-    if origin is typing.Literal:
-        return any(type(value) is type(a) and value == a for a in args), value
-    if origin in (tuple, list):
-        if not isinstance(value, (tuple, list, range)):
-            return False, value
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                return False, value
-            item_hints = args
-        else:
-            item_hints = [args[0] if args else Any] * len(value)
-        items = [_conform(v, h) for v, h in zip(value, item_hints, strict=True)]
-        if not all(ok for ok, _ in items):
-            return False, value
-        return True, origin(v for _, v in items)
-    if origin is dict:
-        key_hint, value_hint = args or (Any, Any)
-        if not isinstance(value, dict):
-            return False, value
-        pairs = [(_conform(k, key_hint), _conform(v, value_hint)) for k, v in value.items()]
-        if not all(k[0] and v[0] for k, v in pairs):
-            return False, value
-        return True, {k[1]: v[1] for k, v in pairs}
-    if isinstance(hint, type):
-        return isinstance(value, hint), value
-    raise ConfigError(f"config field annotation {hint!r} is not one lora-lite can check; annotate variant config "
-                      "fields with int, float, str, bool, tuple[...], list[...], dict[...], Literal[...] or X | None")

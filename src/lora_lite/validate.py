@@ -30,6 +30,7 @@ from .config import AdapterConfig
 from .errors import CheckpointError, ConfigError, TargetError
 from .runtime import _plan_layer
 from .target import d_model, is_linear_like, role_of
+from .typecheck import short_repr
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = "1"
@@ -97,12 +98,12 @@ def _check_entry(name: str, entry, path: Path):
         raise _bad(path, f"header entry {name!r} must be an object with keys {sorted(_ENTRY_KEYS)}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise _bad(path, f"tensor {name!r} has dtype {_short(dtype)}; adapter tensors are floating point "
+        raise _bad(path, f"tensor {name!r} has dtype {short_repr(dtype)}; adapter tensors are floating point "
                          f"({', '.join(_DTYPES)})")
     if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_size(d) for d in shape)):
-        raise _bad(path, f"tensor {name!r} has shape {_short(shape)}; expected a list of at most 8 sizes >= 0")
+        raise _bad(path, f"tensor {name!r} has shape {short_repr(shape)}; expected a list of at most 8 sizes >= 0")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(o) for o in offsets)):
-        raise _bad(path, f"tensor {name!r} has data_offsets {_short(offsets)}; expected [begin, end]")
+        raise _bad(path, f"tensor {name!r} has data_offsets {short_repr(offsets)}; expected [begin, end]")
     nbytes = _DTYPES[dtype].itemsize
     for d in shape:
         nbytes *= d
@@ -114,10 +115,10 @@ def _check_entry(name: str, entry, path: Path):
 
 def parse_metadata(meta: dict[str, str], path: Path) -> tuple[AdapterConfig, list[str]]:
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a lora-lite adapter (metadata format={_short(meta.get('format'))}, "
+        raise CheckpointError(f"{str(path)!r} is not a lora-lite adapter (metadata format={short_repr(meta.get('format'))}, "
                               f"expected {FORMAT!r}); for PEFT directories use lora_lite.import_peft")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{str(path)!r} has format_version {_short(meta.get('format_version'))}; this "
+        raise CheckpointError(f"{str(path)!r} has format_version {short_repr(meta.get('format_version'))}; this "
                               f"lora-lite reads version {FORMAT_VERSION}. Upgrade lora-lite or re-save the adapter")
     for key in ("config", "targets"):
         if key not in meta:
@@ -128,7 +129,7 @@ def parse_metadata(meta: dict[str, str], path: Path) -> tuple[AdapterConfig, lis
         raise CheckpointError(f"{str(path)!r} has an invalid config: {e}") from None
     targets = _parse_json(meta["targets"].encode(), path, "targets metadata")
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
-        raise _bad(path, f"its 'targets' metadata is {_short(targets)}; expected a non-empty list of module names")
+        raise _bad(path, f"its 'targets' metadata is {short_repr(targets)}; expected a non-empty list of module names")
     if len(set(targets)) != len(targets):
         raise _bad(path, "its 'targets' metadata names a module twice")
     return cfg, targets
@@ -203,16 +204,11 @@ def _parse_json(raw: bytes, path: Path, what: str):
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=no_constants)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise _bad(path, f"its {what} is not valid JSON ({_short(str(e))})") from None
+        raise _bad(path, f"its {what} is not valid JSON ({short_repr(str(e))})") from None
 
 
 def _is_size(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _bad(path: Path, problem: str) -> CheckpointError:
