@@ -13,7 +13,7 @@ knobs (RoAd's group_size) divide every target's dims on both.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,7 +41,6 @@ class Case:
     calibration: Callable[[nn.Module], list[dict[str, torch.Tensor]]] | None = None
     grad_from_step1: tuple[str, ...] = ()
     reload_atol: float = 0.0
-    notes: str = field(default="", compare=False)
 
 
 EXACT = {torch.float32: 0.0, torch.bfloat16: 0.0}
