@@ -77,8 +77,8 @@ def rewrite(src, dst, edit):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda t: t.pop(sorted(t)[0]), r"missing lora keys \['model.layers.0.mlp.down_proj.lora_A'\]"),
-    (lambda t: t.__setitem__(f"{Q}.lora_extra", torch.zeros(2)), rf"unexpected lora keys \['{Q}.lora_extra'\]"),
+    (lambda t: t.pop(sorted(t)[0]), r"missing tensors \['model.layers.0.mlp.down_proj.lora_A'\], unexpected tensors \[\]"),
+    (lambda t: t.__setitem__(f"{Q}.lora_extra", torch.zeros(2)), rf"missing tensors \[\], unexpected tensors \['{Q}.lora_extra'\]"),
 ], ids=["missing", "unexpected"])
 def test_load_is_strict_about_keys(tmp_path, edit, message):
     """§10.3: a file with a missing or an extra lora_ tensor is refused, and the model is left alone."""
