@@ -9,13 +9,20 @@ import pytest
 import torch
 
 import lora_lite as ll
+import lora_lite.config as config_module
 from conftest import fresh_model
 from toy_models import ToyModel
 
 
-@dataclass
-class GhostConfig(ll.AdapterConfig):
-    variant = "ghost"  # a config whose variant was never registered
+def ghost_config() -> ll.AdapterConfig:
+    """A config whose variant was never registered; its class is dropped again so no other test sees it."""
+
+    @dataclass
+    class GhostConfig(ll.AdapterConfig):
+        variant = "ghost"
+
+    config_module._CONFIGS.pop("ghost")
+    return GhostConfig()
 
 
 def snapshot(model):
@@ -44,7 +51,7 @@ def assert_unchanged(model, before):
 
 # (config, exception type, words the message must contain)
 BAD = {
-    "unknown variant": (lambda: GhostConfig(), ll.UnknownVariantError, r"unknown variant 'ghost'.*registered"),
+    "unknown variant": (ghost_config, ll.UnknownVariantError, r"unknown variant 'ghost'.*registered"),
     "no target": (lambda: ll.LoRAConfig(target_names=(r"no_such_layer$",)), ll.TargetError,
                   r"no target layers matched.*q_proj"),
     "lora r too large": (lambda: ll.LoRAConfig(r=40), ll.ConfigError, r"r=40 exceeds min\(d_in, d_out\)=32"),
