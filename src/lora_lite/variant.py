@@ -17,6 +17,10 @@ A variant is a class (never instantiated) with static methods; the runtime finds
     needs_dense_weight: bool                    True if init/forward read a dense float nn.Linear weight
     requires_calibration: bool                  True if group_init cannot run without data
     check(d_in, d_out, cfg)                     raise ConfigError for shapes the variant cannot take
+    added_macs(d_in, d_out, cfg) -> int         forward multiply-accumulates per token the adapter adds to one
+                                                layer (matmuls plus elementwise multiplies; token-independent
+                                                work such as DoRA's row norm is not per token and not counted).
+                                                Used by `lora-lite cost`, which errors for a variant without it
 """
 
 from __future__ import annotations

@@ -50,6 +50,10 @@ class DeLoRA:
                 "lora_wnorm": ParamSpec((d_in,), "ones", trainable=False, as_buffer=True)}
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return d_in + cfg.r * d_in + cfg.r + cfg.r * d_out  # x ⊙ w, · Aᵀ, · λ/(r‖A‖‖B‖), · Bᵀ
+
+    @staticmethod
     @torch.no_grad()
     def init(layer, cfg):
         layer.lora_wnorm.copy_(torch.linalg.vector_norm(layer.weight, dim=0, dtype=torch.float32))

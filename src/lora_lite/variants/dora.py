@@ -54,6 +54,10 @@ class DoRA:
                 "lora_m": ParamSpec((d_out,), "ones")}
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return LoRA.added_macs(d_in, d_out, cfg) + d_out  # LoRA path, then · m/‖V‖ (the norm is per call)
+
+    @staticmethod
     @torch.no_grad()
     def init(layer, cfg):
         layer.lora_m.copy_(torch.linalg.vector_norm(layer.weight, dim=1, dtype=torch.float32))

@@ -67,6 +67,10 @@ class HRA:
         return {"lora_U": ParamSpec((cfg.r, d_in), _paired_kaiming)}
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return 2 * cfg.r * d_in + cfg.r * cfg.r  # x Yᵀ, · Tᵀ, · Y  (building Y and T is per call)
+
+    @staticmethod
     def init(layer, cfg):
         pass  # the paired init lives in the ParamSpec
 

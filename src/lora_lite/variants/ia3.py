@@ -30,6 +30,10 @@ class IA3:
         return {"lora_g": ParamSpec((d_out,), "ones")}
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return d_out  # y ⊙ g
+
+    @staticmethod
     def init(layer, cfg):
         pass  # g = 1 is the whole init
 

@@ -29,6 +29,10 @@ class IA3FF:
         return {"lora_g": ParamSpec((d_in,), "ones")}
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return d_in  # x ⊙ g
+
+    @staticmethod
     def init(layer, cfg):
         pass  # g = 1 is the whole init
 

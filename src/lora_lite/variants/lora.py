@@ -33,6 +33,10 @@ class LoRA:
         return {"lora_A": ParamSpec((cfg.r, d_in), "kaiming"), "lora_B": ParamSpec((d_out, cfg.r), "zeros")}
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return cfg.r * d_in + cfg.r + cfg.r * d_out  # x Aᵀ, · s, · Bᵀ
+
+    @staticmethod
     def init(layer, cfg):
         pass  # ParamSpec already holds the whole init
 

@@ -37,6 +37,7 @@ class PiSSA:
 
     forward = staticmethod(LoRA.forward)
     delta_weight = staticmethod(LoRA.delta_weight)
+    added_macs = staticmethod(LoRA.added_macs)
 
     @staticmethod
     def check(d_in, d_out, cfg):

@@ -64,6 +64,10 @@ class Road:
         return {"lora_road_theta": ParamSpec((n,), "zeros"), "lora_road_alpha": ParamSpec((n,), "ones")}
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return 2 * d_out  # y ⊙ c1 + rotate_half(y) ⊙ c2
+
+    @staticmethod
     def init(layer, cfg):
         pass  # θ = 0, α = 1 is the whole init
 

@@ -1,0 +1,171 @@
+"""The cost harness measures what it claims: analytic MACs match a hand count and torch's FLOP counter, the
+floor is the same step as an adapter row, and the memory / parameter plumbing is wired. No timing is asserted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import lora_lite as ll
+from lora_lite.cost.cli import main as cost_main
+from lora_lite.cost.cli import parse_variant
+from lora_lite.cost.macs import added_macs, layer_added_macs, linear_macs
+from lora_lite.cost.measure import (
+    ModelShape,
+    Step,
+    build_model,
+    cpu_peak_supported,
+    peak_step_mb,
+    trainable_params,
+)
+from lora_lite.cost.peft_map import build_peft_model, peft_config
+from lora_lite.target import find_targets
+
+# tiny_qwen (conftest): hidden 64, 4 heads × 16, 2 kv heads, intermediate 128, 2 layers. Per layer (d_in, d_out):
+TINY_LINEARS = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]  # q k v o gate up down
+
+
+def test_lora_and_hra_macs_match_a_hand_count(tiny_qwen):
+    r = 4
+    assert layer_added_macs(ll.REGISTRY["lora"], 64, 32, ll.LoRAConfig(r=r)) == 4 * 64 + 4 + 4 * 32  # xAᵀ, ·s, ·Bᵀ
+    assert layer_added_macs(ll.REGISTRY["hra"], 64, 32, ll.HRAConfig(r=r)) == 2 * 4 * 64 + 4 * 4  # xYᵀ, ·Tᵀ, ·Y
+    lora_hand = 2 * sum(r * d_in + r + r * d_out for d_in, d_out in TINY_LINEARS)
+    hra_hand = 2 * sum(2 * r * d_in + r * r for d_in, _ in TINY_LINEARS)
+    assert added_macs(tiny_qwen, ll.LoRAConfig(r=r)) == lora_hand == 8248
+    assert added_macs(tiny_qwen, ll.HRAConfig(r=r)) == hra_hand == 2 * 6 * (2 * 4 * 64) + 2 * (2 * 4 * 128) + 14 * 16
+    assert linear_macs(tiny_qwen) == 2 * sum(i * o for i, o in TINY_LINEARS) + 64 * 128  # + lm_head
+
+
+class _OneLinear(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+
+def _matmul_macs_per_token(module, d_in):
+    """Slope of counted matmul MACs between 8 and 24 tokens: per-call work (HRA's T, DoRA's norm) cancels."""
+    counts = []
+    for tokens in (8, 24):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module.proj(torch.randn(tokens, d_in))
+        counts.append(counter.get_total_flops() / 2)
+    return (counts[1] - counts[0]) / 16
+
+
+@pytest.mark.parametrize("cfg,elementwise", [(ll.LoRAConfig(r=4), 4), (ll.HRAConfig(r=4), 0)])
+def test_macs_agree_with_torch_flop_counter(cfg, elementwise):
+    """The hook's matmul share is what torch counts; the rest is the elementwise multiplies it adds."""
+    d_in, d_out = 48, 40
+    module = _OneLinear(d_in, d_out)
+    base = _matmul_macs_per_token(module, d_in)
+    ll.attach(module, cfg)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_()  # a non-identity adapter, so nothing is skipped
+    adapted = _matmul_macs_per_token(module, d_in)
+    assert adapted - base == layer_added_macs(ll.REGISTRY[cfg.variant], d_in, d_out, cfg) - elementwise
+
+
+def test_every_registered_variant_counts_its_macs():
+    for name, variant in ll.REGISTRY.items():
+        cfg = variant.config(r=4)
+        assert layer_added_macs(variant, 64, 128, cfg) > 0, name
+
+
+def test_a_variant_without_the_hook_is_a_clear_error():
+    class NoHook:
+        name = "nohook"
+
+    with pytest.raises(ll.ConfigError, match="added_macs"):
+        layer_added_macs(NoHook, 64, 32, ll.LoRAConfig(r=4))
+
+
+def _ids(vocab=128, batch=2, seq=8, seed=0):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_floor_is_the_adapter_step_without_an_adapter(tiny_qwen):
+    """Same Step for both: the floor computes the input gradient and no weight gradient; an identity adapter
+    (LoRA at init, B = 0) gives the floor's loss and input gradient and adds only adapter gradients."""
+    ids = _ids()
+    tiny_qwen.requires_grad_(False)
+    floor = Step(tiny_qwen, ids)
+    assert floor.trainable == []
+    x_floor = floor.train()
+    assert x_floor.grad is not None and x_floor.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tiny_qwen.parameters())
+
+    ll.attach(tiny_qwen, ll.LoRAConfig(r=4))
+    row = Step(tiny_qwen, ids)
+    x_row = row.train()
+    torch.testing.assert_close(x_row.grad, x_floor.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(row.forward(), floor.forward())  # both forwards now run the adapted model
+    graded = {n for n, p in tiny_qwen.named_parameters() if p.grad is not None}
+    assert graded and all(".lora_" in n for n in graded)
+    assert {id(p) for p in row.trainable} == {id(p) for n, p in tiny_qwen.named_parameters() if ".lora_" in n}
+
+
+def test_trainable_params_match_param_specs_and_peft(tiny_qwen):
+    import copy
+
+    for spec in ("lora", "dora", "pissa", "hra", "delora", "ia3", "ia3_ff", "road:group_size=16"):
+        cfg = parse_variant(spec, 4, None, (ll.ALL_LINEAR,))
+        ours = copy.deepcopy(tiny_qwen)
+        ll.attach(ours, cfg)
+        by_spec = sum(torch.Size(s.shape).numel()
+                      for _, m, _ in find_targets(tiny_qwen, cfg)
+                      for s in ll.REGISTRY[cfg.variant].param_specs(m.in_features, m.out_features, cfg).values()
+                      if s.trainable and not s.as_buffer)
+        assert trainable_params(ours) == by_spec, spec
+        names = [n for n, _, _ in find_targets(tiny_qwen, cfg)]
+        peft_model, label = build_peft_model(copy.deepcopy(tiny_qwen), cfg, names)
+        assert trainable_params(peft_model) == by_spec, (spec, label)
+
+
+def test_peft_map_covers_the_shared_variants_only():
+    assert peft_config(ll.LoRAConfig(r=4), ["q_proj"])[1] == "LoraConfig"
+    assert peft_config(ll.PiSSAConfig(r=4, svd="lowrank", niter=3), ["q_proj"])[0].init_lora_weights == "pissa_niter_3"
+    unshared = [n for n in ll.REGISTRY if n not in ("lora", "dora", "pissa", "hra", "delora", "ia3", "ia3_ff", "road")]
+    for name in unshared:
+        assert peft_config(ll.REGISTRY[name].config(r=4), ["q_proj"]) is None, name
+
+
+def test_parse_variant_sets_fields_and_rejects_unknown_ones():
+    cfg = parse_variant("pissa:svd=lowrank,niter=2", 16, 8.0, ("q_proj$",))
+    assert (cfg.r, cfg.alpha, cfg.svd, cfg.niter, cfg.target_names) == (16, 8.0, "lowrank", 2, ("q_proj$",))
+    with pytest.raises(ll.ConfigError, match="nosuch"):
+        parse_variant("lora:nosuch=1", 4, None, (ll.ALL_LINEAR,))
+    with pytest.raises(ll.UnknownVariantError):
+        parse_variant("notavariant", 4, None, (ll.ALL_LINEAR,))
+
+
+@pytest.mark.skipif(cpu_peak_supported() is not None, reason="CPU peak memory needs Linux /proc and glibc")
+def test_peak_memory_tracks_the_step_and_leaves_no_grads():
+    model = build_model(ModelShape(hidden=64, layers=1, intermediate=128, heads=4, kv_heads=2, head_dim=16,
+                                   vocab=4096), torch.float32, "cpu")
+    ll.attach(model, ll.LoRAConfig(r=4))
+    small = peak_step_mb(Step(model, _ids(4096, 1, 8)), "cpu", repeats=2)
+    big = peak_step_mb(Step(model, _ids(4096, 4, 256)), "cpu", repeats=2)
+    # 1024 tokens × 4096 logits × 4 B = 16 MB for the logits alone, and the step holds several such tensors
+    assert 0 <= small < 8 < 16 < big
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_cli_writes_a_table_with_every_requested_row(tmp_path, capsys):
+    out = tmp_path / "cost.md"
+    threads = torch.get_num_threads()
+    rc = cost_main(["--threads", "1", "--hidden", "64", "--layers", "1", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+                    "--head-dim", "16", "--vocab", "128", "--batch", "1", "--seq", "8", "--r", "4",
+                    "--variants", "lora", "hra", "pissa:svd=lowrank", "--iters", "1", "--warmup", "0",
+                    "--mem-repeats", "1", "--svd-size", "64", "--compare-peft", "--out", str(out)])
+    torch.set_num_threads(threads)
+    assert rc == 0
+    text = out.read_text()
+    assert text.strip() in capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| *floor (frozen base, input-embedding grad only)*", "| lora",
+                                                      "| hra", "| pissa (svd=lowrank)"]
+    assert "pissa_niter_4" in text and "HRAConfig" in text and "lowrank (niter=4)" in text
+    assert all(len(r.split(" | ")) == len(rows[0].split(" | ")) for r in rows)
