@@ -119,6 +119,10 @@ def _proc_status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_PRECISE_MMAP_BYTES, _TIMING_MMAP_BYTES = 64 * 1024, 32 * 1024 * 1024  # the latter is glibc's dynamic maximum
+
+
 def _release_free_memory() -> None:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS ≈ live memory
@@ -127,9 +131,22 @@ def _release_free_memory() -> None:
 def peak_step_mb(step: Step, device: str, repeats: int = 3) -> float:
     """MB the training step needs above what is resident before it (activations, grads, temporaries).
 
-    CUDA: max_memory_allocated. CPU (Linux only): the RSS high-water mark, reset through /proc/self/clear_refs
-    after freed pages are returned with malloc_trim. Minimum over `repeats`, which filters allocator noise.
+    CUDA: max_memory_allocated. CPU (Linux, glibc): the RSS high-water mark, reset through /proc/self/clear_refs
+    after freed pages are returned with malloc_trim. While it runs, every allocation of 64 KB or more gets its own
+    mmap, so freeing a tensor really lowers RSS and the mark counts live tensors, not allocator caching.
+    Minimum over `repeats`, which filters the remaining noise.
     """
+    libc = ctypes.CDLL("libc.so.6") if not device.startswith("cuda") else None
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _PRECISE_MMAP_BYTES)
+    try:
+        return _peak_step_mb(step, device, repeats)
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_BYTES)  # large tensors reuse heap memory while timing
+
+
+def _peak_step_mb(step: Step, device: str, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         step.clear_grads()

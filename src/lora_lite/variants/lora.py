@@ -10,6 +10,7 @@ layer and the benchmark protocols we follow use 0.
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 from ..config import AdapterConfig
@@ -42,8 +43,10 @@ class LoRA:
 
     @staticmethod
     def forward(layer, x, y):
-        # (..., d_in) -> (..., r), scaled on the small side, -> (..., d_out)
-        return y + F.linear(F.linear(x, layer.lora_A) * layer._lora_cfg.scale, layer.lora_B)
+        # (..., d_in) -> (..., r), scaled on the small side; addmm then adds (..., r) Bᵀ into y in one pass
+        h = F.linear(x, layer.lora_A) * layer._lora_cfg.scale
+        y2d = y.reshape(-1, y.shape[-1]).to(h.dtype)
+        return torch.addmm(y2d, h.reshape(-1, h.shape[-1]), layer.lora_B.T).view(*y.shape[:-1], -1)
 
     @staticmethod
     def delta_weight(layer):

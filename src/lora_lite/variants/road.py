@@ -8,6 +8,8 @@ second half form a 2-D pair that is rotated by θ and scaled by α:
     road_2: the same, one (θ, α) per coordinate                   θ, α: (d_out,)
     road_4: separate (θ, α) for the cos and the sin column         θ, α: (2·d_out,)
 θ = 0 and α = 1 at init, so identity is exact. The bias is rotated too (PEFT's unmerged path).
+rotate_half is linear, so rotate_half(y) ⊙ c2 = rotate_half(y ⊙ swap_halves(c2)): computed that way, backward
+keeps only y (shared by both products) instead of y and a rotated copy of it.
 Hook-only: works on quantized layers. r and alpha are unused.
 """
 
@@ -76,9 +78,9 @@ class Road:
         c1, c2 = columns(layer)
         y = y.to(c1.dtype)
         half = layer._lora_cfg.group_size // 2
-        grouped = y.reshape(*y.shape[:-1], -1, 2, half)
-        rotated = torch.stack((-grouped[..., 1, :], grouped[..., 0, :]), dim=-2).reshape(y.shape)
-        return y * c1 + rotated * c2
+        scaled = (y * c2.reshape(-1, 2, half).flip(1).flatten()).reshape(*y.shape[:-1], -1, 2, half)
+        rotated = torch.stack((-scaled[..., 1, :], scaled[..., 0, :]), dim=-2).reshape(y.shape)
+        return y * c1 + rotated
 
     @staticmethod
     def rotation(layer) -> torch.Tensor:
