@@ -1,14 +1,15 @@
 """DeLoRA: Bini et al. 2025, "Decoupling Angles and Strength in Low-rank Adaptation", arXiv 2503.18225.
 
 A LoRA whose update has a learnable, bounded strength λ, independent of the factors' scale:
-    h  = (x ⊙ w) Aᵀ = x (A diag w)ᵀ                  w = ‖W‖ per input column (frozen buffer)
+    h  = (x ⊙ w) Aᵀ                                  w = ‖W‖ per input column (frozen buffer)
     y' = y + (h ⊙ (λ/r) / (‖A_k‖·‖B^k‖)) Bᵀ          norms clamped at ≥ 1e-4, as in PEFT
     ΔW = B diag(λ / (r‖A_k‖‖B^k‖)) A diag(w),  so ‖ΔW‖ ≤ λ·max(w)
     A: (r, d_in) kaiming   B: (d_out, r) zeros   λ: (1,) = lambda0   w: (d_in,) buffer
 
-Matches PEFT's DeLoRA forward; w is folded into A (r·d_in multiplies per call, not a scaled copy of x per
-token, which backward would also have to keep). Identity holds because B = 0; B still gets a gradient at step 0 through the
-clamped norm, and A from step 1. λ0 must be > 0, or every gradient is zero. Reads W once, at init.
+Matches PEFT's DeLoRA forward, in PEFT's order: folding w into A (x (A diag w)ᵀ) would save a copy of x per
+layer, but moves λ's gradient, a sum with heavy cancellation, by ~1e-5 relative. Identity holds because
+B = 0; B still gets a gradient at step 0 through the clamped norm, and A from step 1. λ0 must be > 0, or every
+gradient is zero. Reads W once, at init.
 Trainable params per layer: r·(d_in + d_out) + 1. Needs a higher learning rate than LoRA (paper: 10-100x).
 """
 
@@ -52,7 +53,7 @@ class DeLoRA:
 
     @staticmethod
     def added_macs(d_in, d_out, cfg):
-        return cfg.r * d_in + cfg.r + cfg.r * d_out  # x (A diag w)ᵀ, · λ/(r‖A‖‖B‖), · Bᵀ
+        return d_in + cfg.r * d_in + cfg.r + cfg.r * d_out  # x ⊙ w, · Aᵀ, · λ/(r‖A‖‖B‖), · Bᵀ
 
     @staticmethod
     @torch.no_grad()
@@ -61,7 +62,7 @@ class DeLoRA:
 
     @staticmethod
     def forward(layer, x, y):
-        h = F.linear(x, layer.lora_A * layer.lora_wnorm) * _factor_scale(layer)
+        h = F.linear(x * layer.lora_wnorm, layer.lora_A) * _factor_scale(layer)
         return y + F.linear(h, layer.lora_B)
 
     @staticmethod

@@ -55,7 +55,7 @@ class DoRA:
 
     @staticmethod
     def added_macs(d_in, d_out, cfg):
-        return LoRA.added_macs(d_in, d_out, cfg) + d_out  # LoRA path, then · m/‖V‖ (the norm is per call)
+        return LoRA.added_macs(d_in, d_out, cfg) + 2 * d_out  # LoRA path, (m/n − 1)·Wx, (m/n)·LoRA; norm per call
 
     @staticmethod
     @torch.no_grad()

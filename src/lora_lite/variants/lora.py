@@ -22,6 +22,13 @@ class LoRAConfig(AdapterConfig):
     variant = "lora"
 
 
+def add_low_rank(base, h, B):
+    """base + h Bᵀ, (..., d_out) + (..., r)(r, d_out), as one addmm pass in the wider of the two dtypes."""
+    dtype = torch.promote_types(base.dtype, h.dtype)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1]).to(dtype), B.T.to(dtype))
+    return out.view(*base.shape[:-1], -1)
+
+
 @register
 class LoRA:
     name = "lora"
@@ -43,10 +50,8 @@ class LoRA:
 
     @staticmethod
     def forward(layer, x, y):
-        # (..., d_in) -> (..., r), scaled on the small side; addmm then adds (..., r) Bᵀ into y in one pass
-        h = F.linear(x, layer.lora_A) * layer._lora_cfg.scale
-        y2d = y.reshape(-1, y.shape[-1]).to(h.dtype)
-        return torch.addmm(y2d, h.reshape(-1, h.shape[-1]), layer.lora_B.T).view(*y.shape[:-1], -1)
+        # (..., d_in) -> (..., r), scaled on the small side, -> added into y
+        return add_low_rank(y, F.linear(x, layer.lora_A) * layer._lora_cfg.scale, layer.lora_B)
 
     @staticmethod
     def delta_weight(layer):
