@@ -70,7 +70,9 @@ class DoRA:
         wx = y if layer.bias is None else y - layer.bias
         # y + [(m/n − 1) ⊙ Wx + (m/n) ⊙ s·BAx]: the untouched y (bias included) is never re-rounded
         lora = F.linear(F.linear(x, layer.lora_A) * layer._lora_cfg.scale, layer.lora_B)
-        return y + ((magnitude - 1) * wx + magnitude * lora)
+        out = (magnitude - 1) * wx
+        out += magnitude * lora  # in place: the same roundings as y + (a + b), two (..., d_out) buffers fewer
+        return out.add_(y)
 
     @staticmethod
     def delta_weight(layer):
