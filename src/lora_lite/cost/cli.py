@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ids, calib = batches[0]["input_ids"], batches[1:]
     floor = Step(base, ids)
     _warm_up_imports(base, args)
+    # Measured first: it also pays the process's one-off allocations, which would otherwise land on row one.
+    floor_peak = peak_step_mb(floor, args.device, args.mem_repeats) if args.mem else None
     load_before = os.getloadavg()
     rows = []
     for cfg in cfgs:
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f", PEFT {rows[-1]['peft_ratio']:.2f}" if "peft_ratio" in rows[-1] else ""), file=sys.stderr, flush=True)
         gc.collect()
     floor_row = {"fwd": _median([r["floor_fwd"] for r in rows]), "step": _median([r["floor_step"] for r in rows]),
-                 "peak_mb": peak_step_mb(floor, args.device, args.mem_repeats) if args.mem else None}
+                 "peak_mb": floor_peak}
     header = _header(args, shape, base, load_before, mem_problem)
     report = render(rows, floor_row, header, args.compare_peft)
     if args.svd_size:
