@@ -1,6 +1,6 @@
 """`lora-lite cost`: a markdown cost table for every registered variant, beside the frozen-base floor and PEFT.
 
-    lora-lite cost --compare-peft --out docs/cost_cpu.md         # the CPU anchor (the defaults)
+    lora-lite cost --compare-peft --out cost_cpu.md              # the CPU anchor (the defaults)
     lora-lite cost --preset qwen3-0.6b --device cuda --dtype bfloat16 --compare-peft
     lora-lite cost --variants lora hra pissa:svd=lowrank          # a subset; name:field=value sets config fields
 """
@@ -59,9 +59,17 @@ def parse_variant(spec: str, r: int, alpha: float | None, targets: tuple[str, ..
         if not eq or key not in fields:
             raise ConfigError(f"variant spec {spec!r}: {item!r} is not field=value with a field of {cls.__name__} "
                               f"({sorted(fields)})")
-        default = getattr(cls, key, None)
-        kwargs[key] = type(default)(value) if isinstance(default, (int, float)) else value
+        kwargs[key] = _typed(getattr(cls, key, None), value, spec)
     return cls(**kwargs)
+
+
+def _typed(default, value: str, spec: str):
+    """The string from a variant spec, as the type of the field's default."""
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"variant spec {spec!r}: {value!r} must be true or false")
+        return value.lower() == "true"
+    return type(default)(value) if isinstance(default, (int, float)) else value
 
 
 def build_parser() -> argparse.ArgumentParser:
