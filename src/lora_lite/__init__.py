@@ -22,12 +22,20 @@ from .runtime import attach, detach
 from .target import find_targets
 from .variant import REGISTRY, ParamSpec, Variant, register
 from .variants import (
+                     AntiPaSTOAblateConfig,
+                     AntiPaSTOASVDConfig,
+                     AntiPaSTOConfig,
+                     AntiPaSTOCorDAConfig,
+                     AntiPaSTODPLRConfig,
+                     AntiPaSTOGainConfig,
                      DeLoRAConfig,
                      DoRAConfig,
+                     EVAConfig,
                      HRAConfig,
                      IA3Config,
                      IA3FFConfig,
                      LoRAConfig,
+                     LoRAXSConfig,
                      PiSSAConfig,
                      RoadConfig,
 )
@@ -38,6 +46,8 @@ __all__ = [
     "ALL_LINEAR", "AdapterConfig", "ParamSpec", "REGISTRY", "Variant", "register", "find_targets",
     "attach", "detach", "save", "load",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "IA3Config", "IA3FFConfig", "HRAConfig", "RoadConfig",
+    "EVAConfig", "LoRAXSConfig", "AntiPaSTOConfig", "AntiPaSTOGainConfig", "AntiPaSTOAblateConfig",
+    "AntiPaSTOCorDAConfig", "AntiPaSTOASVDConfig", "AntiPaSTODPLRConfig",
     "LoraLiteError", "ConfigError", "UnknownVariantError", "TargetError", "UnsupportedLayerError", "CalibrationError",
     "AttachStateError", "CheckpointError",
 ]

@@ -3,15 +3,34 @@
 method="full" runs torch.linalg.svd in fp32 and keeps the top r: exact, O(d_out·d_in·min(d)).
 method="lowrank" runs torch.svd_lowrank(q=r + oversample, niter): a randomized range finder,
 O(d_out·d_in·r·(niter+1)). It is seeded from the weight's shape so init is reproducible on one machine.
+The default and its measured speed/accuracy trade-off are in docs/svd.md (scripts/svd_init_bench.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .config import AdapterConfig
 from .errors import ConfigError
 
 SVD_METHODS = ("full", "lowrank")
+DEFAULT_SVD = "full"
+DEFAULT_NITER = 4
+
+
+@dataclass
+class SVDInitConfig(AdapterConfig):
+    """Fields shared by configs whose init takes a top-r SVD of W (the variant name is set by subclasses).
+
+    svd    "full" (exact) or "lowrank" (torch.svd_lowrank, faster on large layers; see docs/svd.md).
+    niter  power iterations of "lowrank"; more is slower and closer to "full". Unused by "full".
+    Variants check both with check_svd_options in their `check`, before the model is touched.
+    """
+
+    svd: str = DEFAULT_SVD
+    niter: int = DEFAULT_NITER
 
 
 def check_svd_options(cfg) -> None:
@@ -23,7 +42,7 @@ def check_svd_options(cfg) -> None:
 
 
 @torch.no_grad()
-def top_r_svd(W: torch.Tensor, r: int, method: str = "full", niter: int = 4, oversample: int = 8):
+def top_r_svd(W: torch.Tensor, r: int, method: str = DEFAULT_SVD, niter: int = DEFAULT_NITER, oversample: int = 8):
     """Return U (d_out, r), S (r,), Vh (r, d_in) in fp32 with W ≈ U diag(S) Vh."""
     if method not in SVD_METHODS:
         raise ConfigError(f"svd={method!r} is not one of {SVD_METHODS}")

@@ -16,17 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import AdapterConfig
-from ..svd import check_svd_options, top_r_svd
+from ..svd import SVDInitConfig, check_svd_options, top_r_svd
 from ..variant import ParamSpec, check_rank, register
 from .lora import LoRA
 
 
 @dataclass
-class PiSSAConfig(AdapterConfig):
+class PiSSAConfig(SVDInitConfig):
     variant = "pissa"
-    svd: str = "full"
-    niter: int = 4
 
 
 @register

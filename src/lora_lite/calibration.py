@@ -1,0 +1,89 @@
+"""Calibration passes for data-driven inits (eva, antipasto_corda, antipasto_asvd): input second moments.
+
+`calibration_data` is an iterable of whole-model inputs: a dict is called as model(**batch), a tuple/list as
+model(*batch), anything else as model(batch). The pass runs in eval mode under no_grad, with the adapter
+hooks already live (the runtime registers them before group_init), so each layer sees the activations that
+training will see. Padding is left out: when a dict batch carries `attention_mask`, only the positions
+where it is nonzero count. The capture hooks are removed and every module's train/eval flag restored in a
+`finally`, so a failing batch leaves nothing behind.
+
+Only second moments are kept, never the tokens: per target C = Σ x xᵀ / n, (d_in, d_in) in fp32 on CPU
+(or just its diagonal). That is all the variants need: EVA's top right singular vectors of X are C's top eigenvectors, CorDA whitens
+with C, ASVD with diag(C). The product x xᵀ is formed on the activation's device and then moved to CPU, and
+layers that read the same tensor (q/k/v, gate/up) share one product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .errors import CalibrationError
+
+
+def call_model(model: nn.Module, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def input_moments(model: nn.Module, targets: list[tuple[str, nn.Module]], data: Iterable | None, *,
+                  min_tokens: int, variant: str, diagonal: bool = False) -> dict[str, torch.Tensor]:
+    """Return {name: C} with C = E[x xᵀ] (fp32, CPU) over the non-padding calibration tokens of each target.
+
+    diagonal=True keeps only diag(C) = E[x²] (d_in,), for statistics that need no cross terms (ASVD).
+    """
+    if data is None:
+        raise CalibrationError(f"{variant} initialises from data but got calibration_data=None; pass "
+                               "calibration_data=[batch, ...] (model inputs, e.g. dicts with input_ids and "
+                               "attention_mask) to attach()")
+    shape = (lambda d: (d,)) if diagonal else (lambda d: (d, d))
+    grams = {name: torch.zeros(shape(layer.in_features)) for name, layer in targets}
+    counts = dict.fromkeys(grams, 0)
+    step = {"mask": None, "x": None, "gram": None}  # current batch's mask; last input and its product
+
+    def make_hook(name):
+        def hook(module, args):
+            x = args[0]
+            if step["x"] is not x:  # q/k/v (and gate/up) are called one after another on the same tensor
+                step["x"], step["gram"] = x, _gram(x, step["mask"], name, diagonal)
+            gram, n = step["gram"]
+            grams[name].add_(gram)
+            counts[name] += n
+        return hook
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in targets]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in data:
+                step["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                call_model(model, batch)
+                step["x"] = step["gram"] = None
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+    for name, n in counts.items():
+        if n < min_tokens:
+            raise CalibrationError(f"{variant}: layer {name!r} saw {n} non-padding calibration tokens, fewer than "
+                                   f"r={min_tokens}; pass more or longer calibration batches, or lower r")
+    return {name: grams[name] / counts[name] for name in grams}
+
+
+def _gram(x: torch.Tensor, mask: torch.Tensor | None, name: str, diagonal: bool) -> tuple[torch.Tensor, int]:
+    rows = x.detach().reshape(-1, x.shape[-1]).float()
+    if mask is not None:
+        if mask.numel() != rows.shape[0]:
+            raise CalibrationError(f"layer {name!r} got an input of shape {tuple(x.shape)} but the batch's "
+                                   f"attention_mask has shape {tuple(mask.shape)}; masking needs inputs shaped "
+                                   "(batch, seq, d_in). Drop attention_mask from unpadded batches")
+        rows = rows[mask.reshape(-1).to(rows.device) != 0]
+    gram = rows.square().sum(0) if diagonal else rows.T @ rows
+    return gram.cpu(), rows.shape[0]

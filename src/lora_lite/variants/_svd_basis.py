@@ -1,0 +1,85 @@
+"""What the AntiPaSTO family shares: a frozen top-r singular basis taken out of W, and the 1+ELU gain.
+
+    W = U diag(S) Vh + W_res       U: (d_out, r)  S: (r,)  Vh: (r, d_in), all frozen `lora_*` buffers
+    y' = x W_resᵀ + (path through the basis)
+
+The runtime writes W_res = W − U diag(S) Vh into the layer through `base_delta`, computed from the stored
+(already rounded) buffers, so identity costs one rounding of W_res, and restores W bit-exactly on detach.
+The buffers are saved, so load() needs neither an SVD nor calibration data. The data-driven members store an
+oblique input projector P in place of Vh (`lora_P`); everything here takes the input-side buffer's name.
+
+Default r is 256 (only about r scalars train per layer). r above min(d_in, d_out) is a ConfigError naming
+the layer and the largest r that fits; it is never silently clipped. alpha is unused by the family.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..svd import SVDInitConfig, check_svd_options, top_r_svd
+from ..variant import ParamSpec
+
+
+@dataclass
+class SVDBasisConfig(SVDInitConfig):
+    r: int = 256
+
+
+@dataclass
+class GainConfig(SVDBasisConfig):
+    """coeff: runtime steering scalar (0 is identity, < 0 swaps amplify and suppress).
+    suppress_only: clamp g ≤ 0 so the gain lies in (0, 1] (for coeff ≥ 0)."""
+
+    suppress_only: bool = False
+    coeff: float = 1.0
+
+
+def check_basis(d_in, d_out, cfg):
+    check_svd_options(cfg)
+    fits = min(d_in, d_out)
+    if cfg.r > fits:
+        raise ConfigError(f"{cfg.variant}: r={cfg.r} exceeds min(d_in, d_out)={fits} of a {d_in}->{d_out} layer; "
+                          f"pass r<={fits}, or exclude that layer with exclude_names / target_names")
+
+
+def basis_specs(d_in, d_out, r, input_name="lora_Vh"):
+    def frozen(*shape):
+        return ParamSpec(shape, "zeros", trainable=False, as_buffer=True)
+    return {"lora_U": frozen(d_out, r), "lora_S": frozen(r), input_name: frozen(r, d_in)}
+
+
+@torch.no_grad()
+def init_basis(layer, cfg):
+    """Plain top-r SVD of W into lora_U / lora_S / lora_Vh (rounded to the adapter dtype by copy_)."""
+    U, S, Vh = top_r_svd(layer.weight, cfg.r, cfg.svd, cfg.niter)
+    layer.lora_U.copy_(U)
+    layer.lora_S.copy_(S)
+    layer.lora_Vh.copy_(Vh)
+
+
+def basis_delta(layer, input_name="lora_Vh"):
+    """U diag(S) Vh (or U diag(S) P) in fp32: what the runtime subtracts from W."""
+    return (layer.lora_U.float() * layer.lora_S.float()) @ getattr(layer, input_name).float()
+
+
+def gain(layer):
+    """(r,) factor 1 + ELU(coeff·g): e^z for z ≤ 0, 1 + z above, C¹, always > 0, exactly 1 at g = 0.
+    (A linear 1 + z flips sign below −1, exp blows up, tanh needs an arbitrary bound.)"""
+    cfg, g = layer._lora_cfg, layer.lora_g
+    if cfg.suppress_only:
+        g = g.clamp(max=0.0)
+    return 1.0 + F.elu(cfg.coeff * g)
+
+
+def gain_forward(layer, x, y, input_name="lora_Vh"):
+    """y + ((x Vhᵀ) ⊙ S ⊙ gain) Uᵀ: (..., d_in) -> (..., r) -> (..., d_out)."""
+    h = F.linear(x, getattr(layer, input_name)) * (layer.lora_S * gain(layer))
+    return y + F.linear(h, layer.lora_U)
+
+
+def gain_delta_weight(layer, input_name="lora_Vh"):
+    """U diag(S ⊙ gain) Vh: the dense path that gain_forward adds on top of W_res."""
+    s_eff = layer.lora_S.float() * gain(layer).float()
+    return (layer.lora_U.float() * s_eff) @ getattr(layer, input_name).float()

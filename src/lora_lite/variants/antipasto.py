@@ -1,0 +1,104 @@
+"""AntiPaSTO (rotation): wassname 2026, arXiv 2601.07473; lite port of github.com/wassname/antipasto3.
+
+Rotate W's frozen top-r singular basis in small blocks and shift its singular values:
+    W = U diag(S) Vh + W_res                 top-r SVD, U (d_out, r), S (r,), Vh (r, d_in) frozen buffers
+    T: (n_blocks, b(b−1)/2) → skew A_n = ½(T_n − T_nᵀ) (b, b),  saturated A ← a·tanh(A/a), a = 2 tan(θmax/2)
+    R_n = (I − A_n/2)⁻¹ (I + A_n/2)          Cayley: orthogonal, R = blockdiag(R_1 .. R_n)  (r, r)
+    Vh_eff = R Vh   (rotate_basis V),  U_eff = U R_uᵀ  (U; "both" uses a second T_u)
+    y' = x W_resᵀ + ((x Vh_effᵀ) ⊙ (S + δs)) U_effᵀ
+
+R is applied block by block (a batched (b, b) @ (b, d) product), never as a dense r×r matrix.
+Trainable: δs (r,) starting at 4e-4 + N(0, 4e-4) (antipasto3's small positive bias: breaks the sign symmetry
+a rotation cannot, trains faster than zeros), T (and T_u) zeros, so R = I at init.
+Identity at init is therefore approximate: the output moves by (x Vhᵀ ⊙ δs) Uᵀ, about 1e-3 of the top-r path.
+Needs a dense nn.Linear (W is rewritten through `base_delta`). Trainable params per layer:
+r + (r/b)·b(b−1)/2 per rotated side (rotate_basis "none": r).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..variant import ParamSpec, register
+from . import _svd_basis as basis
+
+_BASES = ("V", "U", "both", "none")
+
+
+@dataclass
+class AntiPaSTOConfig(basis.SVDBasisConfig):
+    variant = "antipasto"
+    block_size: int = 4
+    max_rotation_angle: float = 0.5
+    rotate_basis: str = "V"
+
+
+def block_rotations(T: torch.Tensor, block_size: int, max_angle: float) -> torch.Tensor:
+    """(n_blocks, b(b−1)/2) -> (n_blocks, b, b) orthogonal Cayley blocks, built in fp32."""
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=T.device)
+    A = T.new_zeros(T.shape[0], block_size, block_size, dtype=torch.float32)
+    A[:, rows, cols] = T.float()
+    A = 0.5 * (A - A.transpose(-1, -2))
+    limit = 2.0 * math.tan(max_angle / 2.0)
+    A = limit * torch.tanh(A / limit)
+    eye = torch.eye(block_size, device=T.device).expand_as(A)
+    return torch.linalg.solve(eye - A / 2, eye + A / 2)
+
+
+def rotated_basis(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_eff, Vh_eff) in the adapter dtype."""
+    cfg, U, Vh = layer._lora_cfg, layer.lora_U, layer.lora_Vh
+    b, angle = cfg.block_size, cfg.max_rotation_angle
+    if cfg.rotate_basis in ("V", "both"):
+        R = block_rotations(layer.lora_rot_T, b, angle).to(Vh.dtype)
+        Vh = (R @ Vh.reshape(-1, b, Vh.shape[1])).reshape(Vh.shape)  # R_n Vh_n per block
+    if cfg.rotate_basis in ("U", "both"):
+        T_u = layer.lora_rot_T_u if cfg.rotate_basis == "both" else layer.lora_rot_T
+        R_u = block_rotations(T_u, b, angle).to(U.dtype)
+        U = torch.einsum("dnb,ncb->dnc", U.reshape(U.shape[0], -1, b), R_u).reshape(U.shape)  # U_n R_nᵀ
+    return U, Vh
+
+
+@register
+class AntiPaSTO:
+    name = "antipasto"
+    config = AntiPaSTOConfig
+    needs_dense_weight = True
+
+    init = staticmethod(basis.init_basis)
+    base_delta = staticmethod(basis.basis_delta)
+
+    @staticmethod
+    def check(d_in, d_out, cfg):
+        if cfg.rotate_basis not in _BASES:
+            raise ConfigError(f"antipasto: rotate_basis={cfg.rotate_basis!r} is not one of {_BASES}")
+        if not isinstance(cfg.block_size, int) or cfg.block_size < 2 or cfg.r % cfg.block_size:
+            raise ConfigError(f"antipasto: block_size={cfg.block_size!r} must be an int >= 2 that divides r={cfg.r}; "
+                              "pick r as a multiple of block_size")
+        if not 0 < cfg.max_rotation_angle < math.pi:
+            raise ConfigError(f"antipasto: max_rotation_angle={cfg.max_rotation_angle} must lie in (0, pi)")
+        basis.check_basis(d_in, d_out, cfg)
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        specs = {**basis.basis_specs(d_in, d_out, cfg.r),
+                 "lora_delta_s": ParamSpec((cfg.r,), lambda t: t.normal_(0, 4e-4).add_(4e-4))}
+        n_blocks, n_angles = cfg.r // cfg.block_size, cfg.block_size * (cfg.block_size - 1) // 2
+        if cfg.rotate_basis != "none":
+            specs["lora_rot_T"] = ParamSpec((n_blocks, n_angles), "zeros")
+        if cfg.rotate_basis == "both":
+            specs["lora_rot_T_u"] = ParamSpec((n_blocks, n_angles), "zeros")
+        return specs
+
+    @staticmethod
+    def forward(layer, x, y):
+        U, Vh = rotated_basis(layer)
+        h = (x @ Vh.T) * (layer.lora_S + layer.lora_delta_s)
+        return y + h @ U.T
+
+    @staticmethod
+    def delta_weight(layer):
+        U, Vh = rotated_basis(layer)
+        return (U.float() * (layer.lora_S + layer.lora_delta_s).float()) @ Vh.float()

@@ -1,0 +1,78 @@
+"""AntiPaSTO (ablate): trainable directional ablation (Arditi et al. 2024, arXiv 2406.11717) inside the
+AntiPaSTO singular basis (wassname 2026, arXiv 2601.07473).
+
+Project k learned directions out of the S-scaled output coordinates of W's top-r basis:
+    W = U diag(S) Vh + W_res                 top-r SVD, U (d_out, r), S (r,), Vh (r, d_in) frozen buffers
+    Ĉ = orthonormal columns of c (r, k)      k = 1: c/‖c‖;  k > 1: fp32 QR (no bf16 geqrf kernel)
+    h = (x Vhᵀ) ⊙ S                          (..., r)
+    h ← h − coeff · ((h Ĉ) ⊙ clamp(α, 0, 1)) Ĉᵀ
+    y' = x W_resᵀ + h Uᵀ
+
+For coeff in [0, 1] the core I − coeff·Ĉ diag(α) Ĉᵀ is a contraction (eigenvalues in [0, 1]): it can damp
+a direction, never amplify one. coeff < 0 adds the direction back. Meant for residual writers (o_proj,
+down_proj). Trainable: c (r, k) ~ N(0, 1/√r) and α (k,) = init_alpha.
+Identity at init is approximate on purpose: α = init_alpha > 0 (0.05) so c has a gradient at step 0; the
+output moves by at most init_alpha·coeff of the top-r path. init_alpha=0 gives exact identity.
+Needs a dense nn.Linear (W is rewritten through `base_delta`). Trainable params per layer: r·k + k.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..variant import ParamSpec, register
+from . import _svd_basis as basis
+
+
+@dataclass
+class AntiPaSTOAblateConfig(basis.SVDBasisConfig):
+    variant = "antipasto_ablate"
+    k: int = 1
+    init_alpha: float = 0.05
+    coeff: float = 1.0
+
+
+def core(layer) -> torch.Tensor:
+    """(r, r) symmetric I − coeff·Ĉ diag(clamp(α)) Ĉᵀ acting on the S-scaled coordinates."""
+    c = layer.lora_c
+    if c.shape[1] == 1:
+        c_hat = c / (c.norm(dim=0, keepdim=True) + 1e-6)
+    else:
+        c_hat = torch.linalg.qr(c.float())[0].to(c.dtype)
+    alpha = layer.lora_alpha.clamp(0.0, 1.0)
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return eye - layer._lora_cfg.coeff * (c_hat * alpha) @ c_hat.T
+
+
+@register
+class AntiPaSTOAblate:
+    name = "antipasto_ablate"
+    config = AntiPaSTOAblateConfig
+    needs_dense_weight = True
+
+    init = staticmethod(basis.init_basis)
+    base_delta = staticmethod(basis.basis_delta)
+
+    @staticmethod
+    def check(d_in, d_out, cfg):
+        if not isinstance(cfg.k, int) or not 1 <= cfg.k <= cfg.r:
+            raise ConfigError(f"antipasto_ablate: k={cfg.k!r} must be an int in [1, r={cfg.r}]")
+        basis.check_basis(d_in, d_out, cfg)
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {**basis.basis_specs(d_in, d_out, cfg.r),
+                "lora_c": ParamSpec((cfg.r, cfg.k), lambda t: t.normal_(0, cfg.r ** -0.5)),
+                "lora_alpha": ParamSpec((cfg.k,), lambda t: t.fill_(cfg.init_alpha))}
+
+    @staticmethod
+    def forward(layer, x, y):
+        # The r×r core is built once per call; the per-token work stays (..., d_in) -> (..., r) -> (..., d_out).
+        h = (x @ layer.lora_Vh.T) * layer.lora_S
+        return y + (h @ core(layer)) @ layer.lora_U.T
+
+    @staticmethod
+    def delta_weight(layer):
+        M = core(layer).float()
+        return (layer.lora_U.float() @ M * layer.lora_S.float()) @ layer.lora_Vh.float()

@@ -1,0 +1,58 @@
+"""EVA: Paischer et al. 2024, "One Initialization to Rule them All: Explained Variance Adaptation",
+arXiv 2410.07170.
+
+LoRA whose A starts on the directions that explain most of the layer's input variance on real data:
+    X: (N, d_in) the layer's non-padding calibration inputs;  A0 = top-r right singular vectors of X
+       (computed as the top-r eigenvectors of C = XᵀX / N, which are the same vectors)
+    y' = y + s · (x Aᵀ) Bᵀ,   s = alpha / r
+    A: (r, d_in) = A0, trainable      B: (d_out, r) zeros, trainable
+
+Identity at init is exact because B = 0. Requires calibration_data: attach() raises CalibrationError before
+touching the model without it, and a layer that sees fewer than r tokens raises too. A lives in the saved
+lora_A, so load() needs no data. Hook-only (reads inputs, never W), so it works on bitsandbytes layers.
+Simplifications vs PEFT: one uniform rank (no explained-variance rank redistribution), one exact
+decomposition of the accumulated covariance (no incremental PCA or convergence check).
+Trainable params per layer: r·(d_in + d_out).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration import input_moments
+from ..config import AdapterConfig
+from ..variant import ParamSpec, check_rank, register
+from .lora import LoRA
+
+
+@dataclass
+class EVAConfig(AdapterConfig):
+    variant = "eva"
+
+
+@register
+class EVA:
+    name = "eva"
+    config = EVAConfig
+    requires_calibration = True
+
+    check = staticmethod(check_rank)
+    forward = staticmethod(LoRA.forward)
+    delta_weight = staticmethod(LoRA.delta_weight)
+
+    @staticmethod
+    def param_specs(d_in, d_out, cfg):
+        return {"lora_A": ParamSpec((cfg.r, d_in), "zeros"), "lora_B": ParamSpec((d_out, cfg.r), "zeros")}
+
+    @staticmethod
+    def init(layer, cfg):
+        pass  # A comes from the data in group_init; B = 0 keeps the calibration forwards at identity
+
+    @staticmethod
+    @torch.no_grad()
+    def group_init(model, targets, cfg, calibration_data):
+        moments = input_moments(model, targets, calibration_data, min_tokens=cfg.r, variant=cfg.variant)
+        for name, layer in targets:
+            C = moments[name].to(layer.lora_A.device)
+            _, Q = torch.linalg.eigh(C)  # ascending eigenvalues
+            layer.lora_A.copy_(Q[:, -cfg.r:].flip(-1).T)
