@@ -77,7 +77,7 @@ PAIRS = {
     "dora": Pair(lambda: ll.DoRAConfig(r=4, alpha=5),
                  lambda: peft.LoraConfig(r=4, lora_alpha=5, target_modules=LINEAR, use_dora=True),
                  {**LORA_AB, "lora_m": ("lora_magnitude_vector", same, same)}, dora_values),
-    "pissa": Pair(lambda: ll.PiSSAConfig(r=4, alpha=5),
+    "pissa": Pair(lambda: ll.PiSSAConfig(r=4, alpha=5, svd="full"),  # PEFT's "pissa" is the exact SVD
                   lambda: peft.LoraConfig(r=4, lora_alpha=5, target_modules=LINEAR, init_lora_weights="pissa"),
                   LORA_AB, factors),
     "delora": Pair(lambda: ll.DeLoRAConfig(r=4, lambda0=1.0),

@@ -17,6 +17,7 @@ from lora_lite.svd import top_r_svd
 from lora_lite.variants import _svd_basis as basis
 from lora_lite.variants.antipasto import block_rotations
 from lora_lite.variants.antipasto_ablate import core as ablate_core
+from toy_models import ToyModel
 
 QK = (r"self_attn\.[qk]_proj$",)
 DATA_VARIANTS = {"eva": ll.EVAConfig, "antipasto_corda": ll.AntiPaSTOCorDAConfig,
@@ -139,7 +140,7 @@ def test_corda_basis_is_the_covariance_oriented_svd(batches):
     name = "model.layers.2.self_attn.q_proj"
     W = model.get_submodule(name).weight.detach().clone()
     C = input_moments(model, [(name, model.get_submodule(name))], batches, min_tokens=1, variant="probe")[name]
-    ll.attach(model, ll.AntiPaSTOCorDAConfig(r=8, target_names=QK), calibration_data=batches)
+    ll.attach(model, ll.AntiPaSTOCorDAConfig(r=8, target_names=QK, svd="full"), calibration_data=batches)
     layer = model.get_submodule(name)
     lam, Q = torch.linalg.eigh(C)
     lam = lam.clamp_min(0) + 1e-3
@@ -149,7 +150,7 @@ def test_corda_basis_is_the_covariance_oriented_svd(batches):
     torch.testing.assert_close((layer.lora_U * layer.lora_S) @ layer.lora_P, (U[:, :8] * S[:8]) @ P,
                                rtol=1e-3, atol=1e-4)
     # a data-driven run, not plain top-r: on the calibration inputs it loses less of W's output than plain SVD
-    Up, Sp, Vp = top_r_svd(W, 8)
+    Up, Sp, Vp = top_r_svd(W, 8, "full")
     corda_err = output_error(W, basis.basis_delta(layer, "lora_P"), C)
     assert corda_err < 0.97 * output_error(W, (Up * Sp) @ Vp, C)
     torch.testing.assert_close(layer.weight + basis.basis_delta(layer, "lora_P"), W, rtol=0, atol=1e-6)
@@ -161,13 +162,13 @@ def test_asvd_basis_is_the_activation_scaled_svd(batches):
     W = model.get_submodule(name).weight.detach().clone()
     c = input_moments(model, [(name, model.get_submodule(name))], batches, min_tokens=1, variant="probe",
                       diagonal=True)[name] + 1e-3
-    ll.attach(model, ll.AntiPaSTOASVDConfig(r=8, target_names=QK), calibration_data=batches)
+    ll.attach(model, ll.AntiPaSTOASVDConfig(r=8, target_names=QK, svd="full"), calibration_data=batches)
     layer = model.get_submodule(name)
     U, S, Vt = torch.linalg.svd(W * c.sqrt())
     torch.testing.assert_close(layer.lora_S, S[:8], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close((layer.lora_U * layer.lora_S) @ layer.lora_P,
                                (U[:, :8] * S[:8]) @ (Vt[:8] * c.rsqrt()), rtol=1e-3, atol=1e-4)
-    Up, Sp, Vp = top_r_svd(W, 8)
+    Up, Sp, Vp = top_r_svd(W, 8, "full")
     weighted = torch.diag(c)
     assert output_error(W, basis.basis_delta(layer, "lora_P"), weighted) < 0.97 * output_error(
         W, (Up * Sp) @ Vp, weighted)
@@ -262,7 +263,7 @@ def test_ablate_core_is_a_contraction_and_matches_forward():
 def test_lora_xs_frozen_factors_and_intact_weight():
     model = fresh_model("qwen")
     snap = snapshot(model)
-    ll.attach(model, ll.LoRAXSConfig(r=8, target_names=QK))
+    ll.attach(model, ll.LoRAXSConfig(r=8, target_names=QK, svd="full"))
     layer = model.model.layers[1].self_attn.q_proj
     W = snap[0]["model.layers.1.self_attn.q_proj.weight"]
     assert torch.equal(layer.weight, W)  # W is never rewritten
@@ -304,10 +305,10 @@ def test_bad_knobs_raise_config_errors():
         assert get_state(model) is None
 
 
-@pytest.mark.parametrize("cfg", [ll.AntiPaSTOGainConfig(r=16, svd="lowrank", niter=2),
-                                 ll.LoRAXSConfig(r=8, svd="lowrank"), ll.PiSSAConfig(r=8, svd="lowrank")],
-                         ids=lambda c: c.variant)
-def test_lowrank_svd_path(cfg):
+@pytest.mark.parametrize("cfg", [ll.AntiPaSTOGainConfig(r=16, svd="full"), ll.AntiPaSTOGainConfig(r=16, niter=2),
+                                 ll.LoRAXSConfig(r=8, svd="full"), ll.PiSSAConfig(r=8, svd="full")],
+                         ids=lambda c: f"{c.variant}-{c.svd}")
+def test_both_svd_methods_keep_identity(cfg):
     model = fresh_model("qwen")
     x = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
@@ -316,3 +317,41 @@ def test_lowrank_svd_path(cfg):
     with torch.no_grad():
         y1 = model(x).logits
     torch.testing.assert_close(y1, y0, rtol=0, atol=1e-2 if cfg.variant == "lora_xs" else 1e-4)
+
+
+# ---- layer types -------------------------------------------------------------------------------------------
+
+def test_eva_is_hook_only_and_runs_on_linear_like_layers():
+    """EVA never reads W, so it takes layers that are not nn.Linear (as bitsandbytes layers are not)."""
+    model = ToyModel()
+    data = [torch.randn(2, 8, 16) for _ in range(3)]  # plain tensors: called as model(batch)
+    base = model(data[0])
+    ll.attach(model, ll.EVAConfig(r=4), calibration_data=data)
+    layers = get_state(model).layers.values()
+    assert all(type(layer).__name__ == "LinearLike" for layer in layers)
+    assert all(layer.lora_A.abs().sum() > 0 for layer in layers)
+    torch.testing.assert_close(model(data[0]), base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make_cfg", [ll.LoRAXSConfig, ll.AntiPaSTOConfig, ll.AntiPaSTOGainConfig,
+                                      ll.AntiPaSTOAblateConfig, ll.AntiPaSTODPLRConfig, ll.AntiPaSTOCorDAConfig,
+                                      ll.AntiPaSTOASVDConfig], ids=lambda c: c.variant)
+def test_weight_reading_variants_reject_linear_like_layers(make_cfg):
+    model = ToyModel()
+    snap = snapshot(model)
+    with pytest.raises(ll.UnsupportedLayerError, match=r"LinearLike.*plain float nn.Linear"):
+        ll.attach(model, make_cfg(r=4), calibration_data=[torch.randn(2, 8, 16)])
+    assert_untouched(model, snap)
+
+
+def test_lowrank_default_captures_the_top_r_spectrum():
+    """The default svd="lowrank" (niter=4) against the exact SVD on a slowly decaying spectrum (docs/svd.md)."""
+    assert ll.PiSSAConfig().svd == "lowrank" and ll.AntiPaSTOGainConfig().niter == 4
+    g = torch.Generator().manual_seed(0)
+    Q1, Q2 = (torch.linalg.qr(torch.randn(256, 256, generator=g))[0] for _ in range(2))
+    W = (Q1 * torch.arange(1, 257).pow(-0.5)) @ Q2.T
+    _, S_full, _ = top_r_svd(W, 16, "full")
+    U, S, Vh = top_r_svd(W, 16, "lowrank", 4)
+    assert S.square().sum() / S_full.square().sum() > 0.99
+    torch.testing.assert_close(U.T @ U, torch.eye(16), rtol=0, atol=1e-4)
+    assert torch.equal(top_r_svd(W, 16, "lowrank", 4)[1], S)  # seeded: the same init on every call

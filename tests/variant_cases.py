@@ -66,6 +66,26 @@ CASES: dict[str, Case] = {
     # the paired reflections cancel to fp32 rounding; in bf16 the rounded T makes them cancel exactly
     "hra": Case(lambda kind: ll.HRAConfig(r=4), lr=1e-2, identity_tol={torch.float32: 1e-5, torch.bfloat16: 0.0}),
     "road": Case(lambda kind: ll.RoadConfig(group_size=road_group_size(kind)), lr=3e-2, identity_tol=EXACT),
+    # SVD basis and data-driven inits. W_res is rounded once to W's dtype (as pissa). antipasto's δs starts at
+    # 4e-4 + N(0, 4e-4), antipasto_ablate's α at 0.05 and lora_xs's R at N(0, 1e-5): approximate identity by design.
+    "eva": Case(lambda kind: ll.EVAConfig(r=4, alpha=8), lr=1e-2, identity_tol=EXACT,
+                calibration=lambda model: gsm8k_batches(model), grad_from_step1=("lora_A",)),
+    "lora_xs": Case(lambda kind: ll.LoRAXSConfig(r=8), lr=1e-2,
+                    identity_tol={torch.float32: 1e-3, torch.bfloat16: 0.05}),
+    "antipasto": Case(lambda kind: ll.AntiPaSTOConfig(r=8), lr=1e-2,
+                      identity_tol={torch.float32: 1e-2, torch.bfloat16: 0.05}),
+    "antipasto_gain": Case(lambda kind: ll.AntiPaSTOGainConfig(r=8), lr=3e-2,
+                           identity_tol={torch.float32: 1e-5, torch.bfloat16: 0.05}),
+    "antipasto_ablate": Case(lambda kind: ll.AntiPaSTOAblateConfig(r=8), lr=0.3,
+                             identity_tol={torch.float32: 0.1, torch.bfloat16: 0.1}),
+    "antipasto_corda": Case(lambda kind: ll.AntiPaSTOCorDAConfig(r=8), lr=3e-2,
+                            identity_tol={torch.float32: 1e-5, torch.bfloat16: 0.05},
+                            calibration=lambda model: gsm8k_batches(model)),
+    "antipasto_asvd": Case(lambda kind: ll.AntiPaSTOASVDConfig(r=8), lr=3e-2,
+                           identity_tol={torch.float32: 1e-5, torch.bfloat16: 0.05},
+                           calibration=lambda model: gsm8k_batches(model)),
+    "antipasto_dplr": Case(lambda kind: ll.AntiPaSTODPLRConfig(r=8), lr=1e-2,
+                           identity_tol={torch.float32: 1e-5, torch.bfloat16: 0.05}, grad_from_step1=("lora_A",)),
 }
 
 

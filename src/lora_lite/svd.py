@@ -16,7 +16,7 @@ from .config import AdapterConfig
 from .errors import ConfigError
 
 SVD_METHODS = ("full", "lowrank")
-DEFAULT_SVD = "full"
+DEFAULT_SVD = "lowrank"
 DEFAULT_NITER = 4
 
 
