@@ -8,9 +8,9 @@ where it is nonzero count. The capture hooks are removed and every module's trai
 `finally`, so a failing batch leaves nothing behind.
 
 Only second moments are kept, never the tokens: per target C = Σ x xᵀ / n, (d_in, d_in) in fp32 on CPU
-(or just its diagonal). That is all the variants need: EVA's top right singular vectors of X are C's top eigenvectors, CorDA whitens
-with C, ASVD with diag(C). The product x xᵀ is formed on the activation's device and then moved to CPU, and
-layers that read the same tensor (q/k/v, gate/up) share one product.
+(or just its diagonal). That is all the variants need: EVA's top right singular vectors of X are C's top
+eigenvectors, CorDA whitens with C, ASVD with diag(C). The product x xᵀ is formed on the activation's device
+and then moved to CPU, and layers that read the same tensor (q/k/v, gate/up) share one product.
 """
 
 from __future__ import annotations
