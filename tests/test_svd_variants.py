@@ -250,11 +250,12 @@ def test_ablate_core_is_a_contraction_and_matches_forward():
     model = fresh_model("qwen")
     ll.attach(model, ll.AntiPaSTOAblateConfig(r=16, k=3, target_names=(r"0\.self_attn\.o_proj$",)))
     layer = model.model.layers[0].self_attn.o_proj
+    torch.testing.assert_close(layer.lora_alpha.sigmoid(), torch.full((3,), 0.05))  # init_alpha, as a logit
     with torch.no_grad():
-        layer.lora_alpha.copy_(torch.tensor([0.3, 1.7, -0.2]))  # clamped to [0, 1]
+        layer.lora_alpha.copy_(torch.tensor([0.3, 20.0, -20.0]))  # α = sigmoid: ~0.57, ~1, ~0
     eig = torch.linalg.eigvalsh(ablate_core(layer).detach())
     assert eig.min() >= -1e-5 and eig.max() <= 1 + 1e-5
-    assert eig.min() < 1e-4  # α clamped at 1: that direction is fully removed
+    assert eig.min() < 1e-4  # α ≈ 1: that direction is fully removed
     layer_output_check(layer, torch.randn(2, 5, 64))
 
 
@@ -299,6 +300,7 @@ def test_bad_knobs_raise_config_errors():
     for cfg, msg in [(ll.AntiPaSTOConfig(r=16, block_size=3), "block_size=3"),
                      (ll.AntiPaSTOConfig(r=16, rotate_basis="W"), "rotate_basis='W'"),
                      (ll.AntiPaSTOAblateConfig(r=16, k=0), "k=0"),
+                     (ll.AntiPaSTOAblateConfig(r=16, init_alpha=0.0), "init_alpha=0.0"),
                      (ll.AntiPaSTODPLRConfig(r=16, core_rank=17), "core_rank=17")]:
         with pytest.raises(ll.ConfigError, match=msg):
             ll.attach(model, cfg)
