@@ -169,6 +169,6 @@ def test_cli_writes_a_table_with_every_requested_row(tmp_path, capsys):
     assert text.strip() in capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| *floor (frozen base, input-embedding grad only)*", "| lora",
-                                                      "| hra", "| pissa (svd=lowrank)"]
+                                                      "| hra", "| pissa"]  # lowrank is pissa's default
     assert "pissa_niter_4" in text and "HRAConfig" in text and "lowrank (niter=4)" in text
     assert all(len(r.split(" | ")) == len(rows[0].split(" | ")) for r in rows)

@@ -64,6 +64,11 @@ def basis_delta(layer, input_name="lora_Vh"):
     return (layer.lora_U.float() * layer.lora_S.float()) @ getattr(layer, input_name).float()
 
 
+def basis_macs(d_in, d_out, cfg):
+    """Per-token MACs of x → (x Vhᵀ) ⊙ s → · Uᵀ; r-sized per-call work (S ⊙ gain, rotating Vh) is not per token."""
+    return cfg.r * d_in + cfg.r + cfg.r * d_out
+
+
 def gain(layer):
     """(r,) factor 1 + ELU(coeff·g): e^z for z ≤ 0, 1 + z above, C¹, always > 0, exactly 1 at g = 0.
     (A linear 1 + z flips sign below −1, exp blows up, tanh needs an arbitrary bound.)"""

@@ -69,6 +69,7 @@ class AntiPaSTO:
 
     init = staticmethod(basis.init_basis)
     base_delta = staticmethod(basis.basis_delta)
+    added_macs = staticmethod(basis.basis_macs)
 
     @staticmethod
     def check(d_in, d_out, cfg):

@@ -58,6 +58,10 @@ class AntiPaSTOAblate:
     base_delta = staticmethod(basis.basis_delta)
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return basis.basis_macs(d_in, d_out, cfg) + cfg.r * cfg.r  # plus h · core (r, r)
+
+    @staticmethod
     def check(d_in, d_out, cfg):
         if not isinstance(cfg.k, int) or not 1 <= cfg.k <= cfg.r:
             raise ConfigError(f"antipasto_ablate: k={cfg.k!r} must be an int in [1, r={cfg.r}]")

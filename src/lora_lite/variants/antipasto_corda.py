@@ -61,6 +61,7 @@ class AntiPaSTOCorDA:
     requires_calibration = True
 
     check = staticmethod(basis.check_basis)
+    added_macs = staticmethod(basis.basis_macs)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -39,6 +39,10 @@ class AntiPaSTODPLR:
     base_delta = staticmethod(basis.basis_delta)
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return basis.basis_macs(d_in, d_out, cfg) + 2 * cfg.r * cfg.core_rank + cfg.r  # p Aᵀ Bᵀ, · coeff
+
+    @staticmethod
     def check(d_in, d_out, cfg):
         if not isinstance(cfg.core_rank, int) or not 1 <= cfg.core_rank <= cfg.r:
             raise ConfigError(f"antipasto_dplr: core_rank={cfg.core_rank!r} must be an int in [1, r={cfg.r}]")

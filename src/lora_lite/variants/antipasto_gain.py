@@ -32,6 +32,7 @@ class AntiPaSTOGain:
     check = staticmethod(basis.check_basis)
     init = staticmethod(basis.init_basis)
     base_delta = staticmethod(basis.basis_delta)
+    added_macs = staticmethod(basis.basis_macs)
     forward = staticmethod(basis.gain_forward)
     delta_weight = staticmethod(basis.gain_delta_weight)
 

@@ -39,6 +39,7 @@ class EVA:
     check = staticmethod(check_rank)
     forward = staticmethod(LoRA.forward)
     delta_weight = staticmethod(LoRA.delta_weight)
+    added_macs = staticmethod(LoRA.added_macs)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -46,6 +46,10 @@ class LoRAXS:
         check_svd_options(cfg)
 
     @staticmethod
+    def added_macs(d_in, d_out, cfg):
+        return cfg.r * d_in + cfg.r * cfg.r + cfg.r + cfg.r * d_out  # x Aᵀ, · Rᵀ, · s, · Bᵀ
+
+    @staticmethod
     def param_specs(d_in, d_out, cfg):
         return {"lora_A": ParamSpec((cfg.r, d_in), "zeros", trainable=False, as_buffer=True),
                 "lora_B": ParamSpec((d_out, cfg.r), "zeros", trainable=False, as_buffer=True),
