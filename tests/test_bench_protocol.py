@@ -8,13 +8,12 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from conftest import require_asset  # noqa: E402
 from lora_lite.bench import presets, stats  # noqa: E402
 from lora_lite.bench.protocol import extract_answer, format_prompt, reference_answer  # noqa: E402
 from lora_lite.bench.report import SUMMARY_COLUMNS, append_summary  # noqa: E402
 from lora_lite.errors import ConfigError  # noqa: E402
 from lora_lite.shared_data import gsm8k_file  # noqa: E402
-
-from conftest import require_asset  # noqa: E402
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -46,7 +46,7 @@ class Preset:
 PRESETS = {
     "tiny": Preset("tiny", model="tiny", train_data="tiny", eval_data="tiny", eval_config=None, metric="em",
                    steps=150, batch_size=16, grad_accum=1, max_seq_length=128, max_new_tokens=16,
-                   batch_size_eval=200, targets=(r"down_proj$",), max_test=200, max_r=8, forget_len=64),
+                   batch_size_eval=200, targets=(ALL_LINEAR,), max_test=200, max_r=8, forget_len=64),
     "stories": Preset("stories", model=str(stories260k_dir()), train_data=str(gsm8k_file("train")),
                       eval_data=str(gsm8k_file("train").parent), eval_config=None, metric="nll", steps=200,
                       batch_size=8, grad_accum=1, max_seq_length=512, max_new_tokens=128, batch_size_eval=128,
@@ -64,7 +64,7 @@ VARIANT_DEFAULTS: dict[str, dict] = {
     "pissa":  {**_BASE, "alpha": "r", "lr": {"qwen": 1e-4, "stories": 1e-3, "tiny": 3e-3}},
     "dora":   {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
     "delora": {**_BASE, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}},
-    "ia3":    {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 5e-2}, "targets": (r"(k_proj|v_proj)$",)},
+    "ia3":    {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 2e-1}, "targets": (r"(k_proj|v_proj)$",)},
     "ia3_ff": {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 5e-2}, "targets": (r"down_proj$",)},
     "hra":    {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
     "road":   {**_BASE, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}, "knobs": {"group_size": 64}},

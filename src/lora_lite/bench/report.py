@@ -122,17 +122,22 @@ def markdown_table(base: dict, rows: list[dict], metric: str, title: str) -> str
     lines.append(f"| base (untrained) | – | – | {b_test:.{d}f} | {b_valid:.{d}f} | – | – | {base['test']['acc']:.1f} "
                  f"| 0 | 0 | {base['wall_time_s']:.0f} |")
     sign = 1 if metric == "em" else -1
+    scale = 100 if metric == "em" else 1  # per-question EM scores are 0/1; the table shows percentage points
     for row in sorted(rows, key=lambda r: -sign * r["test"][0]):
         vs = row.get("vs_lora")
-        delta = f"{vs['diff']:+.{d + 1}f} [{vs['lo']:+.{d + 1}f}, {vs['hi']:+.{d + 1}f}]" if vs else "(reference)"
-        p = f"{vs['p']:.3f}" if vs else "–"
+        if vs:
+            dd = d if metric == "em" else d + 1
+            delta = f"{vs['diff'] * scale:+.{dd}f} [{vs['lo'] * scale:+.{dd}f}, {vs['hi'] * scale:+.{dd}f}]"
+            p = f"{vs['p']:.3f}"
+        else:
+            delta, p = "(reference)", "–"
         lr = f"{row['lr']:g}" + (f" (best of {len(row['lrs_tried'])})" if len(row["lrs_tried"]) > 1 else "")
-        scale = 100 if metric == "em" else 1
-        if vs and metric == "em":
-            delta = f"{vs['diff'] * scale:+.1f} [{vs['lo'] * scale:+.1f}, {vs['hi'] * scale:+.1f}]"
         lines.append(f"| {row['variant']} | {lr} | {len(row['seeds'])} | {_fmt(row['test'], d)} | "
                      f"{_fmt(row['valid'], d)} | {delta} | {p} | {_fmt(row['test_acc'], 1)} | "
                      f"{row['trainable_params']:,} | {_fmt(row['forgetting'], 4)} | {row['wall_time_s']:.0f} |")
+    behind = [r["variant"] for r in rows if sign * (r["test"][0] - b_test) <= 0]
+    lines += ["", "Every variant beats the untrained base on test." if not behind else
+              f"Not better than the untrained base on test: {', '.join(sorted(behind))}."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,11 @@
 """The `tiny` preset: a download-free stand-in for MetaMathQA -> GSM8K that runs on 2 CPU cores.
 
-Base domain (pre-training): arithmetic questions in a fixed template, "What is 23 plus 9?", "... minus ...".
+Base domain (pre-training): one-digit arithmetic in a few phrasings, "What is 7 plus 4?", "Subtract 4 from 7.".
 Held-out task (adaptation): word problems the base never saw,
 
-    Question: Ann has 23 coins and gives away 9. How many now? Think step by step.
-    Answer: 23-9=14
-    #### 14
+    Question: Ann has 8 coins and gives away 3. How many now? Think step by step.
+    Answer: 8-3=5
+    #### 5
 
 so solving them means mapping new verbs ("gets", "finds" -> plus; "gives away", "loses" -> minus) onto
 skills the base has. The base mostly guesses the operation and the format; an adapter must learn the mapping.
@@ -63,12 +63,18 @@ class CharTokenizer:
         return [self.bos_id]
 
 
+PLUS_TEMPLATES = ("What is {a} plus {b}?", "Add {a} and {b}.", "Compute {a} + {b}.",
+                  "What do you get if you add {b} to {a}?")
+MINUS_TEMPLATES = ("What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}.",
+                   "Take {b} away from {a}. What is left?")
+
+
 def base_example(rng: random.Random) -> dict:
     a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
     if rng.random() < 0.5:
-        return {"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+        return {"question": rng.choice(PLUS_TEMPLATES).format(a=a, b=b), "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
     a, b = max(a, b), min(a, b)
-    return {"question": f"What is {a} minus {b}?", "answer": f"{a}-{b}={a - b}\n#### {a - b}"}
+    return {"question": rng.choice(MINUS_TEMPLATES).format(a=a, b=b), "answer": f"{a}-{b}={a - b}\n#### {a - b}"}
 
 
 def task_example(rng: random.Random) -> dict:
@@ -110,15 +116,15 @@ class TinySpec:
     hidden: int = 64
     layers: int = 3
     heads: int = 4
-    kv_heads: int = 2
+    kv_heads: int = 4
     intermediate: int = 128
-    pretrain_steps: int = 600
+    pretrain_steps: int = 800
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "chars": CHARS, "max_operand": MAX_OPERAND, "v": 1}, sort_keys=True)
+        blob = json.dumps({**asdict(self), "chars": CHARS, "max_operand": MAX_OPERAND, "v": 2}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
