@@ -20,7 +20,7 @@ from lora_lite.bench.train import Interrupted, StopFlag, latest_checkpoint  # no
 from lora_lite.shared_data import gsm8k_file, stories260k_dir  # noqa: E402
 
 TINY = ["--preset", "tiny", "--pretrain-steps", "4", "--steps", "2", "--batch-size", "4", "--max-test", "8",
-        "--max-valid", "4", "--threads", "2"]
+        "--max-valid", "4", "--max-new-tokens", "8", "--threads", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -32,33 +32,33 @@ def _rows(out):
     return [line.split("\t") for line in (out / "summary.tsv").read_text().splitlines()[1:]]
 
 
-def test_tiny_smoke_every_variant_two_seeds(tmp_path, cache):
-    assert main([*TINY, "--seeds", "0", "1", "--output-dir", str(tmp_path), "--cache-dir", str(cache)]) == 0
+def test_tiny_smoke_every_variant(tmp_path, cache):
+    assert main([*TINY, "--output-dir", str(tmp_path), "--cache-dir", str(cache)]) == 0
     table = (tmp_path / "results.md").read_text()
     assert "| base (untrained) |" in table
     for name in ll.REGISTRY:
         assert f"| {name} |" in table
-        for seed in (0, 1):
+        for seed in (0,):
             run = next(tmp_path.glob(f"tiny-*__{name}__s2__seed{seed}"))
             result = json.loads((run / "result.json").read_text())
             assert result["status"] == "ok" and result["adapter_delta"] > 0 and result["trainable_params"] > 0
             assert len(result["test"]["acc_scores"]) == 8 and (run / "adapter.safetensors").is_file()
             assert not (run / "checkpoint").exists()
-    assert len(_rows(tmp_path)) == 2 * len(ll.REGISTRY)
+    assert len(_rows(tmp_path)) == len(ll.REGISTRY)
     assert (tmp_path / "acc_vs_params.png").stat().st_size > 1000
     # a rerun reuses finished runs instead of training again
     assert main([*TINY, "--variants", "lora", "--output-dir", str(tmp_path), "--cache-dir", str(cache)]) == 0
-    assert len(_rows(tmp_path)) == 2 * len(ll.REGISTRY)
+    assert len(_rows(tmp_path)) == len(ll.REGISTRY)
 
 
 def test_tiny_lr_sweep_picks_on_valid_then_runs_the_other_seeds(tmp_path, cache):
-    args = [*TINY, "--variants", "lora", "ia3", "--lr-sweep", "--lr-points", "2", "--lr-decades", "0.5",
+    args = [*TINY, "--variants", "lora", "--lr-sweep", "--lr-points", "2", "--lr-decades", "0.5",
             "--seeds", "0", "1", "--output-dir", str(tmp_path), "--cache-dir", str(cache)]
     assert main(args) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     for row in rows:
         assert len(row["lrs_tried"]) == 2 and row["lr"] in row["lrs_tried"] and row["seeds"] == [0, 1]
-    assert len(_rows(tmp_path)) == 2 * 3
+    assert len(_rows(tmp_path)) == 3  # two lrs at seed 0, then seed 1 at the picked lr
 
 
 def test_probe_mode_every_variant(tmp_path, cache, capsys):
@@ -96,7 +96,7 @@ def _adapter(run_dir):
     return ll.io.read_adapter_file(run_dir / "adapter.safetensors")[2]
 
 
-@pytest.mark.parametrize("variant", ["lora", "pissa", "hra"])
+@pytest.mark.parametrize("variant", ["lora", "pissa"])
 def test_interrupted_then_resumed_run_ends_with_the_same_adapter(tmp_path, cache, variant):
     bench = _bench(tmp_path / "straight", cache)
     vs = variant_settings(variant, bench.p)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .data import collate, encode_rows, position_ids, prompt_batches
 from .protocol import extract_answer, format_prompt, reference_answer
 
@@ -49,7 +50,8 @@ def answer_nll(model, tok, rows, formatter, max_len: int, batch_size: int) -> di
     """Mean NLL (nats/token) of each reference response given its prompt; rows too long are truncated."""
     examples, skipped = encode_rows(rows, tok, formatter, max_len)
     if skipped:
-        raise ValueError(f"{skipped} eval prompts are longer than max_len={max_len}; raise --max-seq-length")
+        raise ConfigError(f"{skipped} eval prompts have max_seq_length={max_len} tokens or more, so their answers "
+                          "cannot be scored; raise --max-seq-length")
     per_item = token_nll(model, [e[0] for e in examples], [e[1] for e in examples], tok.pad_id, batch_size)
     return {"nll": sum(per_item) / len(per_item), "scores": per_item, "n": len(per_item)}
 
