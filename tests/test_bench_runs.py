@@ -49,6 +49,9 @@ def test_tiny_smoke_every_variant(tmp_path, cache):
     # a rerun reuses finished runs instead of training again
     assert main([*TINY, "--variants", "lora", "--output-dir", str(tmp_path), "--cache-dir", str(cache)]) == 0
     assert len(_rows(tmp_path)) == len(ll.REGISTRY)
+    # ... but never a run made with other settings under the same run_id (alpha is not part of the name)
+    assert main([*TINY, "--variants", "lora", "--alpha", "3", "--output-dir", str(tmp_path),
+                 "--cache-dir", str(cache)]) == 1
 
 
 def test_tiny_lr_sweep_picks_on_valid_then_runs_the_other_seeds(tmp_path, cache):

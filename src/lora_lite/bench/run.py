@@ -151,8 +151,13 @@ class Bench:
         run_dir = self.opt.output_dir / self.run_id(vs, seed)
         done = run_dir / "result.json"
         if done.is_file() and not self.opt.overwrite:
+            previous = json.loads(done.read_text())
+            if previous["lr"] != vs.lr or previous["config"] != json.loads(cfg.to_json()):
+                raise ConfigError(f"{done} was written with lr={previous['lr']:g}, config {previous['config']}, but "
+                                  f"this run asks for lr={vs.lr:g}, config {cfg.to_dict()} (the defaults table or "
+                                  "a flag changed). Pass --overwrite to redo it, or use another --output-dir")
             self.log(f"{run_dir.name}: finished earlier, reusing {done}")
-            return json.loads(done.read_text())
+            return previous
         if self.opt.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
