@@ -20,7 +20,7 @@ from lora_lite.bench.train import Interrupted, StopFlag, latest_checkpoint  # no
 from lora_lite.shared_data import gsm8k_file, stories260k_dir  # noqa: E402
 
 TINY = ["--preset", "tiny", "--pretrain-steps", "4", "--steps", "2", "--batch-size", "4", "--max-test", "8",
-        "--max-valid", "4", "--max-new-tokens", "8", "--threads", "2"]
+        "--max-valid", "4", "--max-new-tokens", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_stories_smoke(tmp_path):
     require_asset(stories260k_dir() / "model.safetensors")
     require_asset(gsm8k_file("train"))
     args = ["--preset", "stories", "--variants", "lora", "ia3_ff", "--steps", "2", "--batch-size", "2",
-            "--max-test", "6", "--max-valid", "4", "--max-new-tokens", "8", "--threads", "2",
+            "--max-test", "6", "--max-valid", "4", "--max-new-tokens", "8",
             "--output-dir", str(tmp_path)]
     assert main(args) == 0
     table = (tmp_path / "results.md").read_text()
