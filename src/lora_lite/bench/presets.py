@@ -1,0 +1,150 @@
+"""Presets (where model and data come from, how long to train) and the per-variant defaults table.
+
+VARIANT_DEFAULTS is the one place a variant's benchmark settings live: its learning rate per preset, r,
+alpha (a number, or "r" for alpha = r) and, when they differ from the preset's, its targets and config knobs.
+A registered variant with no row still runs: it gets its config class's r/alpha/targets and LoRA's lr,
+and `variant_settings` says so. Presets cap r at `max_r` for their small models, scaling alpha to keep
+alpha/r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..config import ALL_LINEAR, AdapterConfig, config_class
+from ..errors import ConfigError
+from ..shared_data import gsm8k_file, stories260k_dir
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: str                      # hub id or local dir; "tiny" builds and pre-trains the embedded model
+    train_data: str                 # hub id, .jsonl, or folder with train.jsonl; "tiny" generates
+    eval_data: str                  # GSM8K-style: train split gives valid, test split gives test
+    eval_config: str | None
+    metric: str                     # "em" (exact match %, higher is better) or "nll" (nats/token, lower)
+    steps: int
+    batch_size: int
+    grad_accum: int
+    max_seq_length: int
+    max_new_tokens: int
+    batch_size_eval: int
+    targets: tuple[str, ...]
+    max_test: int | None = None
+    max_valid: int = 50
+    max_r: int | None = None
+    dtype: str = "float32"
+    forget_data: str = "self"       # "self": text the base samples itself; else hub id / .jsonl with "text"
+    forget_n: int = 32
+    forget_len: int = 96
+    checkpoint_every: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "tiny": Preset("tiny", model="tiny", train_data="tiny", eval_data="tiny", eval_config=None, metric="em",
+                   steps=150, batch_size=16, grad_accum=1, max_seq_length=128, max_new_tokens=16,
+                   batch_size_eval=200, targets=(ALL_LINEAR,), max_test=200, max_r=8, forget_len=64),
+    "stories": Preset("stories", model=str(stories260k_dir()), train_data=str(gsm8k_file("train")),
+                      eval_data=str(gsm8k_file("train").parent), eval_config=None, metric="nll", steps=100,
+                      batch_size=8, grad_accum=1, max_seq_length=512, max_new_tokens=128, batch_size_eval=64,
+                      targets=(r"down_proj$",), max_r=8),
+    "qwen": Preset("qwen", model="Qwen/Qwen3.5-0.8B-Base", train_data="meta-math/MetaMathQA",
+                   eval_data="openai/gsm8k", eval_config="main", metric="em", steps=2500, batch_size=2,
+                   grad_accum=4, max_seq_length=512, max_new_tokens=300, batch_size_eval=16,
+                   targets=(r"down_proj$",), dtype="bfloat16", forget_data="Salesforce/wikitext:wikitext-2-raw-v1",
+                   checkpoint_every=250),
+}
+
+_BASE = {"r": 32, "alpha": 64.0}
+VARIANT_DEFAULTS: dict[str, dict] = {
+    "lora":   {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
+    "pissa":  {**_BASE, "alpha": "r", "lr": {"qwen": 1e-4, "stories": 1e-3, "tiny": 3e-3}},
+    "dora":   {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
+    "delora": {**_BASE, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}},
+    "ia3":    {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 2e-1}, "targets": (r"(k_proj|v_proj)$",)},
+    "ia3_ff": {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 5e-2}, "targets": (r"down_proj$",)},
+    "hra":    {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
+    "road":   {**_BASE, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}, "knobs": {"group_size": 64}},
+    "eva":    {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
+    "lora_xs": {**_BASE, "alpha": "r", "lr": {"qwen": 4e-3, "stories": 1e-2, "tiny": 3e-2}},
+    "antipasto*": {"r": 256, "alpha": 256.0, "lr": {"qwen": 5e-3, "stories": 1e-2, "tiny": 3e-2}},
+}
+
+
+def defaults_row(variant: str) -> dict | None:
+    if variant in VARIANT_DEFAULTS:
+        return VARIANT_DEFAULTS[variant]
+    for key, row in VARIANT_DEFAULTS.items():
+        if key.endswith("*") and variant.startswith(key[:-1]):
+            return row
+    return None
+
+
+@dataclass
+class VariantSettings:
+    cfg: AdapterConfig
+    lr: float
+    default_lr: float
+    default_r: int
+    notes: list[str]
+
+
+def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r: int | None = None,
+                     alpha: float | None = None, targets: tuple[str, ...] | None = None,
+                     knobs: dict | None = None) -> VariantSettings:
+    """The adapter config and lr for one variant under one preset, after command-line overrides."""
+    cls = config_class(variant)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    row, notes = defaults_row(variant), []
+    if row is None:
+        row = {"r": fields["r"].default, "alpha": fields["alpha"].default, "lr": VARIANT_DEFAULTS["lora"]["lr"]}
+        notes.append(f"{variant} has no row in VARIANT_DEFAULTS: using {cls.__name__}'s r={row['r']}, "
+                     f"alpha={row['alpha']} and LoRA's lr for preset {preset.name!r}")
+    default_lr = row["lr"][preset.name] if preset.name in row["lr"] else row["lr"]["qwen"]
+    table_r = row["r"]
+    default_r = min(table_r, preset.max_r) if preset.max_r else table_r
+    use_r = r if r is not None else default_r
+    if alpha is None:
+        alpha = float(use_r) if row["alpha"] == "r" else float(row["alpha"]) * use_r / table_r
+    class_targets = fields["target_names"].default
+    if targets is None:
+        targets = row.get("targets") or (class_targets if class_targets not in (ALL_LINEAR, ()) else preset.targets)
+    kwargs = {"r": use_r, "alpha": alpha, "target_names": tuple(targets), **row.get("knobs", {}), **(knobs or {})}
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise ConfigError(f"{variant}: unknown config fields {unknown} (from --set or the defaults table); "
+                          f"{cls.__name__} has {sorted(f for f in fields if f != 'variant')}")
+    return VariantSettings(cfg=cls(**kwargs), lr=lr if lr is not None else default_lr, default_lr=default_lr,
+                           default_r=default_r, notes=notes)
+
+
+def parse_knobs(items: list[str], variant: str) -> dict:
+    """--set key=value pairs, typed after the config field's default (int, float, bool, str)."""
+    cls = config_class(variant)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if key not in fields:
+            continue  # a knob of another variant in the same invocation
+        default = fields[key].default
+        if isinstance(default, bool):
+            out[key] = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            out[key] = type(default)(float(raw)) if isinstance(default, int) else float(raw)
+        else:
+            out[key] = raw
+    return out
+
+
+def lr_grid(center: float, points: int, decades: float) -> list[float]:
+    """`points` log-spaced learning rates spanning center·10^(±decades)."""
+    if points < 2:
+        return [center]
+    step = 2 * decades / (points - 1)
+    return [float(f"{center * 10 ** (-decades + i * step):.3g}") for i in range(points)]

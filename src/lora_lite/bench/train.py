@@ -1,0 +1,192 @@
+"""The training loop: AdamW (wd 0.1), grad clip 1.0, cosine schedule, checkpoints, resume, Ctrl-C, NaN guard.
+
+Checkpoints live in `run_dir/checkpoint/step-XXXXXX/` (adapter.safetensors via lora_lite.save, optimizer
+moments in optimizer.safetensors, step/losses/RNG in state.json). `checkpoint/latest.json` names the newest
+one and is replaced atomically after that folder is complete, so a crash at any moment leaves a consistent
+checkpoint. A rerun with the same run_dir loads it and continues; micro-batches are fixed up front and the
+lr is a pure function of the step, so a resumed run ends with the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+import lora_lite as ll
+
+from ..errors import LoraLiteError
+from ..io import atomic_write_bytes
+
+
+class DivergedError(LoraLiteError, FloatingPointError):
+    """The training loss (or gradient norm) became NaN or inf."""
+
+
+class Interrupted(LoraLiteError, KeyboardInterrupt):
+    """Ctrl-C stopped training at a step boundary, after writing a checkpoint."""
+
+
+def cosine_factor(step: int, total: int, warmup: int = 0) -> float:
+    """0.5 (1 + cos(pi min(step, total) / total)), after an optional linear warmup (the protocol uses none)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+class StopFlag:
+    """Set by the SIGINT handler (or a test); the loop checks it between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.is_set = False
+
+    def set(self) -> None:
+        self.is_set = True
+
+    def install_sigint(self):
+        def handler(signum, frame):
+            if self.is_set:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            print("\nCtrl-C: finishing this step and writing a checkpoint (press again to abort at once)")
+            self.set()
+        return signal.signal(signal.SIGINT, handler)
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    lr: float
+    grad_accum: int = 1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 0  # 0: only on Ctrl-C
+
+
+def trainable_named(model) -> list[tuple[str, torch.nn.Parameter]]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise LoraLiteError("no trainable parameters after attach; the variant trains nothing on these targets")
+    leaked = [n for n, _ in named if "lora_" not in n.rsplit(".", 1)[-1]]
+    if leaked:
+        raise LoraLiteError(f"base parameters are trainable after attach: {leaked[:5]}; attach must freeze the base")
+    return named
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoint" / "latest.json"
+    if not pointer.is_file():
+        return None
+    return pointer.parent / json.loads(pointer.read_text())["dir"]
+
+
+def attach_or_resume(model, cfg, run_dir: Path, calibration_data, log=print) -> int:
+    """Attach a fresh adapter (step 0), or load the latest checkpoint in run_dir; returns the start step."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        ll.attach(model, cfg, calibration_data=calibration_data)
+        ll.save(model, Path(run_dir) / "adapter_init.safetensors")
+        return 0
+    ll.load(model, ckpt / "adapter.safetensors")
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    log(f"resuming from {ckpt} (step {step})")
+    return step
+
+
+def save_checkpoint(model, opt, run_dir: Path, step: int, losses: list[float]) -> Path:
+    root = Path(run_dir) / "checkpoint"
+    ckpt = root / f"step-{step:06d}"
+    ll.save(model, ckpt / "adapter.safetensors")
+    state = opt.state_dict()["state"]
+    moments = {f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+               for i, s in state.items() for k, v in s.items()}
+    atomic_write_bytes(ckpt / "optimizer.safetensors", safetensors_bytes(moments))
+    meta = {"step": step, "losses": losses, "torch_rng": torch.get_rng_state().tolist()}
+    atomic_write_bytes(ckpt / "state.json", json.dumps(meta).encode())
+    atomic_write_bytes(root / "latest.json", json.dumps({"dir": ckpt.name, "step": step}).encode())
+    for old in root.glob("step-*"):
+        if old != ckpt:
+            shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+
+def _restore(opt, ckpt: Path) -> list[float]:
+    moments = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, value in moments.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    meta = json.loads((ckpt / "state.json").read_text())
+    torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    return meta["losses"]
+
+
+def train(model, batches: list[dict], s: TrainSettings, run_dir: Path, start_step: int = 0,
+          stop: StopFlag | None = None, on_step=None) -> dict:
+    """Run optimizer steps start_step..s.steps over `batches` (s.steps * s.grad_accum micro-batches)."""
+    from tqdm.auto import tqdm
+
+    if len(batches) < s.steps * s.grad_accum:
+        raise LoraLiteError(f"{len(batches)} micro-batches for {s.steps} steps x grad_accum {s.grad_accum}")
+    named = trainable_named(model)
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    losses: list[float] = []
+    ckpt = latest_checkpoint(run_dir)
+    if start_step:
+        losses = _restore(opt, ckpt)
+    device = params[0].device
+    stop = stop or StopFlag()
+    first_grad_norm, start = None, time.perf_counter()
+    model.train()
+    bar = tqdm(range(start_step, s.steps), initial=start_step, total=s.steps, desc="train", unit="step",
+               mininterval=2.0, leave=False)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = s.lr * cosine_factor(step, s.steps)
+        opt.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for b in batches[step * s.grad_accum:(step + 1) * s.grad_accum]:
+            loss = model(**{k: v.to(device) for k, v in b.items()}).loss
+            if not torch.isfinite(loss):
+                _diverged(run_dir, step, f"loss is {loss.item()}", s.lr)
+            (loss / s.grad_accum).backward()
+            step_loss += loss.item() / s.grad_accum
+        grad_norm = sum(p.grad.norm().item() for p in params if p.grad is not None)
+        if first_grad_norm is None:
+            first_grad_norm = grad_norm
+        total = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        if not torch.isfinite(total):
+            _diverged(run_dir, step, f"gradient norm is {total.item()}", s.lr)
+        opt.step()
+        losses.append(step_loss)
+        bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
+        done = step + 1
+        if on_step is not None:
+            on_step(done, stop)
+        if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+            save_checkpoint(model, opt, run_dir, done, losses)
+        if stop.is_set and done < s.steps:
+            path = save_checkpoint(model, opt, run_dir, done, losses)
+            raise Interrupted(f"stopped at step {done}/{s.steps}; checkpoint {path}. Rerun the same command "
+                              "(same output dir) to resume")
+    bar.close()
+    model.eval()
+    leaks = sum(1 for n, p in model.named_parameters() if p.grad is not None and "lora_" not in n.rsplit(".", 1)[-1])
+    return {"losses": losses, "first_grad_norm": first_grad_norm, "base_grad_leaks": leaks,
+            "train_time_s": time.perf_counter() - start, "resumed_from_step": start_step}
+
+
+def _diverged(run_dir, step, what, lr):
+    ckpt = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written before it"
+    raise DivergedError(f"training diverged at step {step}: {what} (lr={lr:g}). Nothing was saved from this "
+                        f"step; {kept}. Lower --lr, or use --lr-sweep to find a stable one")
