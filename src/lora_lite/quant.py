@@ -3,10 +3,13 @@
 bitsandbytes stores W as packed 4-bit codes (`Params4bit`, with a `quant_state` holding the block scales)
 or as int8 rows (`Int8Params`: W ≈ CB · SCB / 127 per output row). `dense_weight` returns the dense
 (d_out, d_in) matrix the layer actually multiplies by, so an init such as DeLoRA's column norms sees the
-weights the forward uses. bitsandbytes is imported lazily: the core library never needs it.
+weights the forward uses, also after bitsandbytes repacked a 4-bit weight for its CPU kernel.
+bitsandbytes is imported lazily: the core library never needs it.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -28,7 +31,12 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.
     if kind == "Params4bit":
         import bitsandbytes.functional as bnb_f
 
-        return bnb_f.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        data, state = w.data, w.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bnb >= 0.49 repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first eval, no-grad forward;
+            # unpack a copy (the inverse edits the state in place) so the layer keeps working as it is.
+            data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnb_f.dequantize_4bit(data, state).to(dtype)
     if kind == "Int8Params":
         codes = w.CB if w.CB is not None else w.data
         return (codes.to(torch.float32) * (w.SCB.to(torch.float32)[:, None] / 127)).to(dtype)
