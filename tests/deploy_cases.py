@@ -1,7 +1,8 @@
-"""Configs and helpers shared by the deployment tests (merge, disabled, PEFT export/import, bitsandbytes).
+"""Helpers shared by the deployment tests (merge, disabled, PEFT export/import) and the merged == hooked column
+of the invariant matrix. Variants are configured by tests/variant_cases.py CASES, as everywhere else.
 
 `trained(...)` stands in for a trained adapter: every trainable lora_* tensor gets seeded noise, so merged
-weights, exports and disabled() are checked on an adapter that actually changes the outputs.
+weights, exports and disabled() are checked on an adapter that clearly changes the outputs.
 """
 
 from __future__ import annotations
@@ -10,21 +11,15 @@ import torch
 
 import lora_lite as ll
 from conftest import fresh_model
+from variant_cases import CASES
 
-# Tiny Qwen dims are 64 (q, o), 32 (k, v), 128 (gate, up, down's d_in): RoAd groups of 8 divide all of them.
-CONFIGS = {
-    "lora": lambda: ll.LoRAConfig(r=4, alpha=8),
-    "pissa": lambda: ll.PiSSAConfig(r=4, alpha=8),
-    "dora": lambda: ll.DoRAConfig(r=4, alpha=8),
-    "delora": lambda: ll.DeLoRAConfig(r=4, lambda0=1.0),
-    "ia3": lambda: ll.IA3Config(),
-    "ia3_ff": lambda: ll.IA3FFConfig(),
-    "hra": lambda: ll.HRAConfig(r=4),
-    "road": lambda: ll.RoadConfig(group_size=8),
-    "road_4": lambda: ll.RoadConfig(road_variant="road_4", group_size=8),
-}
-EXPORTABLE = ("lora", "pissa", "delora", "hra")
-NOT_EXPORTABLE = ("dora", "ia3", "ia3_ff", "road")
+# Variants whose change against the original W is exactly low-rank (they define lora_factors), and the rank
+# of their export when it is not the config's r.
+EXPORT_RANK = {"pissa": lambda cfg: 2 * cfg.r, "antipasto_ablate": lambda cfg: cfg.k}
+
+
+def exportable(name: str) -> bool:
+    return hasattr(ll.REGISTRY[name], "lora_factors")
 
 
 @torch.no_grad()
@@ -35,9 +30,11 @@ def perturb(model, seed=0, std=0.1):
             p.add_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
 
 
-def trained(case: str, dtype=torch.float32, seed=0):
-    model = fresh_model("qwen", dtype)
-    ll.attach(model, CONFIGS[case]())
+def trained(name: str, dtype=torch.float32, kind="qwen", seed=0, cfg=None):
+    model = fresh_model(kind, dtype)
+    case = CASES[name]
+    calib = case.calibration(model) if case.calibration is not None else None
+    ll.attach(model, cfg or case.config(kind), calibration_data=calib)
     perturb(model, seed)
     return model
 

@@ -1,6 +1,5 @@
-"""merge() folds the adapter into the weights; disabled() gives the exact base model and then the adapter back.
-
-Measured errors are printed as `MEASURED <column> <variant> <value>`: `pytest tests/test_merge.py -s | grep MEASURED`.
+"""merge() beyond the merged == hooked column of tests/test_invariants.py (refusals, PiSSA's residual, road_4),
+and disabled(): the exact base model inside the block, the adapter back after it.
 """
 
 from __future__ import annotations
@@ -10,11 +9,8 @@ import torch
 
 import lora_lite as ll
 from conftest import fresh_model
-from deploy_cases import CONFIGS, ids, logits, perturb, rel_err, trained
-
-# bf16: the hooked path rounds W·x and the adapter output separately; the merged path rounds W + ΔW to bf16 once
-# (spacing 2⁻⁸ relative) and then multiplies. Measured max relative logit error across CASES is ≤ 1e-2.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+from deploy_cases import ids, logits, perturb, rel_err, trained
+from variant_cases import CASES
 
 
 def no_adapter_left(model):
@@ -26,24 +22,14 @@ def no_adapter_left(model):
     assert not [n for n, _ in model.named_buffers() if "lora_" in n]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", sorted(CONFIGS))
-def test_merged_equals_hooked(case, dtype):
-    model = trained(case, dtype)
+def test_merge_road_4_with_bias():
+    """road_4 (separate cos and sin angles) is not in the matrix; its merge rotates W and the bias."""
+    model = trained("road", cfg=ll.RoadConfig(road_variant="road_4", group_size=8))
     x = ids()
     hooked = logits(model, x)
-    base = logits(fresh_model("qwen", dtype), x)
-    assert rel_err(base, hooked) > 1e-3, "the perturbed adapter should change the outputs"
-    adapted = set(ll.runtime.get_state(model).layers)
-    untouched = {n: p.clone() for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in adapted}
-    assert ll.merge(model) is model
+    ll.merge(model)
     no_adapter_left(model)
-    err = rel_err(logits(model, x), hooked)
-    print(f"MEASURED merge-{str(dtype)[6:]} {case} {err:.2e}")
-    assert err <= TOL[dtype]
-    for n, p in model.named_parameters():
-        if n in untouched:
-            assert torch.equal(p, untouched[n]), f"{n} is not an adapted layer but changed"
+    assert rel_err(logits(model, x), hooked) <= 1e-5
 
 
 def test_merge_pissa_keeps_residual_not_original():
@@ -75,7 +61,7 @@ def test_merge_refusals_leave_the_model_untouched():
     assert not torch.equal(before, poisoned)
 
 
-@pytest.mark.parametrize("case", sorted(CONFIGS))
+@pytest.mark.parametrize("case", sorted(CASES))
 def test_disabled_gives_base_then_adapter_back(case):
     x = ids()
     base = logits(fresh_model("qwen"), x)
@@ -130,4 +116,4 @@ def test_disabled_then_merge_after_training_steps():
     perturb(model, seed=3)
     hooked = logits(model, x)
     ll.merge(model)
-    assert rel_err(logits(model, x), hooked) <= TOL[torch.float32]
+    assert rel_err(logits(model, x), hooked) <= 1e-5

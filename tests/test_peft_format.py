@@ -11,9 +11,12 @@ import torch
 
 import lora_lite as ll
 from conftest import fresh_model
-from deploy_cases import EXPORTABLE, NOT_EXPORTABLE, ids, logits, rel_err, trained
+from deploy_cases import EXPORT_RANK, exportable, ids, logits, rel_err, trained
+from variant_cases import CASES
 
 peft = pytest.importorskip("peft")
+EXPORTABLE = [n for n in sorted(CASES) if exportable(n)]
+NOT_EXPORTABLE = [n for n in sorted(CASES) if not exportable(n)]
 
 
 def peft_logits(peft_dir, x, dtype=torch.float32):
@@ -30,7 +33,7 @@ def test_export_matches_peft_on_the_original_base(case, tmp_path):
     ll.export_peft(model, tmp_path)
     conf = json.loads((tmp_path / "adapter_config.json").read_text())
     cfg = ll.runtime.get_state(model).cfg
-    rank = 2 * cfg.r if case == "pissa" else cfg.r
+    rank = EXPORT_RANK[case](cfg) if case in EXPORT_RANK else cfg.r
     assert (conf["peft_type"], conf["r"], conf["bias"], conf["use_dora"]) == ("LORA", rank, "none", False)
     err = rel_err(peft_logits(tmp_path, x), ours)
     print(f"MEASURED export_peft {case} {err:.2e}")
