@@ -120,3 +120,16 @@ def test_import_refuses_unconverted_pissa_and_missing_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ll.CheckpointError, match="adapter_config.json"):
         ll.import_peft(fresh_model("qwen"), tmp_path / "empty")
+
+
+def test_import_refuses_non_finite_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    peft_dir, _ = peft_lora(tmp_path)
+    weights = load_file(str(peft_dir / "adapter_model.safetensors"))
+    next(v for k, v in weights.items() if "lora_B" in k)[0, 0] = float("nan")
+    save_file(weights, str(peft_dir / "adapter_model.safetensors"))
+    model = fresh_model("qwen")
+    with pytest.raises(ll.CheckpointError, match="NaN/inf"):
+        ll.import_peft(model, peft_dir)
+    assert ll.runtime.get_state(model) is None

@@ -35,6 +35,7 @@ from .errors import CheckpointError, ConversionError
 from .io import atomic_write_bytes, attach_tensors
 from .merge import _require_state
 from .target import is_linear_like
+from .validate import check_finite
 from .variants.lora import LoRAConfig
 
 CONFIG_FILE, WEIGHTS_FILE, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -109,11 +110,13 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike):
         if m is None:
             raise ConversionError(f"{str(src)!r} holds {key!r}, which is not a LoRA A/B weight; embedding LoRA, "
                                   "DoRA magnitudes, biases and modules_to_save cannot be imported")
-        t = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+        # a copy, never a view of the file's memory map; 16-bit upcast like PEFT's autocast_adapter_dtype
+        t = t.to(torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype, copy=True)
         per_module.setdefault(m.group(1), {})[f"lora_{m.group(2)}"] = t
     incomplete = sorted(n for n, d in per_module.items() if len(d) != 2)
     if incomplete or not per_module:
         raise CheckpointError(f"{str(src)!r}: modules without both lora_A and lora_B: {incomplete[:5]}")
+    check_finite(tensors, src)
     names = sorted(per_module)
     cfg = LoRAConfig(r=r, alpha=alpha, target_names=tuple(f"^{re.escape(n)}$" for n in names))
     state_dict = {f"{n}.{k}": t for n, d in per_module.items() for k, t in d.items()}
