@@ -34,7 +34,6 @@ from torch import nn
 from .errors import CheckpointError, ConversionError
 from .io import atomic_write_bytes, attach_tensors
 from .merge import _require_state
-from .target import is_linear_like
 from .validate import check_finite
 from .variants.lora import LoRAConfig
 
@@ -85,9 +84,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
 
 
 def _target_modules(model, names):
-    """Leaf names (["q_proj", "v_proj"]) when they select exactly our layers, else the full module paths."""
+    """Leaf names (["q_proj", "v_proj"]) when PEFT's suffix match selects exactly our layers, else full paths."""
     leaves = {n.rsplit(".", 1)[-1] for n in names}
-    selected = {n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in leaves and is_linear_like(m)}
+    selected = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in leaves}
     return sorted(leaves) if selected == set(names) else sorted(names)
 
 
