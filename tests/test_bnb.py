@@ -27,8 +27,22 @@ HOOK_ONLY = {
     "ia3_ff": (lambda: ll.IA3FFConfig(), 2e-2),
     "hra": (lambda: ll.HRAConfig(r=4), 1e-2),
     "road": (lambda: ll.RoadConfig(group_size=4), 1e-2),
+    "eva": (lambda: ll.EVAConfig(r=4, alpha=8), 1e-2),
 }
-DENSE_ONLY = {"pissa": lambda: ll.PiSSAConfig(r=4), "dora": lambda: ll.DoRAConfig(r=4)}
+DENSE_ONLY = {
+    "pissa": lambda: ll.PiSSAConfig(r=4), "dora": lambda: ll.DoRAConfig(r=4), "lora_xs": lambda: ll.LoRAXSConfig(r=4),
+    "antipasto": lambda: ll.AntiPaSTOConfig(r=8), "antipasto_gain": lambda: ll.AntiPaSTOGainConfig(r=8),
+    "antipasto_ablate": lambda: ll.AntiPaSTOAblateConfig(r=8), "antipasto_corda": lambda: ll.AntiPaSTOCorDAConfig(r=8),
+    "antipasto_asvd": lambda: ll.AntiPaSTOASVDConfig(r=8), "antipasto_dplr": lambda: ll.AntiPaSTODPLRConfig(r=8),
+}
+
+
+def calibration_for(cfg):
+    """Two GSM8K batches for data-driven variants (EVA, CorDA, ASVD), None for the others."""
+    if not getattr(ll.REGISTRY[cfg.variant], "requires_calibration", False):
+        return None
+    b = batch()
+    return [{"input_ids": b["input_ids"][i:i + 2], "attention_mask": b["attention_mask"][i:i + 2]} for i in (0, 2)]
 BITS = [4, 8]
 
 
@@ -76,7 +90,8 @@ def test_hook_variants_train_and_reload(case, bits, tmp_path):
     torch.manual_seed(0)
     model = load_bnb(bits)
     frozen = quantized_weights(model)
-    ll.attach(model, make_cfg())
+    cfg = make_cfg()
+    ll.attach(model, cfg, calibration_data=calibration_for(cfg))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert params and all("lora_" in n for n in params)
     opt = torch.optim.AdamW(params.values(), lr=lr)
@@ -108,8 +123,9 @@ def test_hook_variants_train_and_reload(case, bits, tmp_path):
 def test_dense_variants_refuse_before_changing_anything(case, bits):
     model = load_bnb(bits)
     before, logits = quantized_weights(model), out(model)
+    cfg = DENSE_ONLY[case]()
     with pytest.raises(ll.UnsupportedLayerError, match=f"{case}.*Linear{bits}"):
-        ll.attach(model, DENSE_ONLY[case]())
+        ll.attach(model, cfg, calibration_data=calibration_for(cfg))
     assert ll.runtime.get_state(model) is None
     assert not [n for n, _ in model.named_parameters() if "lora_" in n]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -133,3 +133,13 @@ def test_import_refuses_non_finite_values(tmp_path):
     with pytest.raises(ll.CheckpointError, match="NaN/inf"):
         ll.import_peft(model, peft_dir)
     assert ll.runtime.get_state(model) is None
+
+
+@pytest.mark.parametrize("rotate", ["U", "both"])
+def test_export_antipasto_rotating_the_output_basis(rotate, tmp_path):
+    """The matrix case rotates V only; the closed-form core must also hold when U is rotated."""
+    model = trained("antipasto", cfg=ll.AntiPaSTOConfig(r=8, rotate_basis=rotate))
+    x = ids()
+    ours = logits(model, x)
+    ll.export_peft(model, tmp_path)
+    assert rel_err(peft_logits(tmp_path, x), ours) <= 1e-5
