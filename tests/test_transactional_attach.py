@@ -127,9 +127,9 @@ def test_failure_at_any_stage_leaves_model_identical(faulty, monkeypatch, stage,
     if stage == "hook":
         register = runtime._register_hook
 
-        def failing_register(layer, variant):
+        def failing_register(layer, variant, state):
             _maybe_fail("hook")
-            return register(layer, variant)
+            return register(layer, variant, state)
         monkeypatch.setattr(runtime, "_register_hook", failing_register)
     model = _model()
     before = fingerprint(model)

@@ -12,12 +12,15 @@ from .errors import (
                      CalibrationError,
                      CheckpointError,
                      ConfigError,
+                     ConversionError,
                      LoraLiteError,
                      TargetError,
                      UnknownVariantError,
                      UnsupportedLayerError,
 )
 from .io import load, save
+from .merge import disabled, merge
+from .peft_format import export_peft, import_peft
 from .runtime import attach, detach
 from .target import find_targets
 from .variant import REGISTRY, ParamSpec, Variant, register
@@ -44,10 +47,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALL_LINEAR", "AdapterConfig", "ParamSpec", "REGISTRY", "Variant", "register", "find_targets",
-    "attach", "detach", "save", "load",
+    "attach", "detach", "save", "load", "merge", "disabled", "export_peft", "import_peft",
     "LoRAConfig", "PiSSAConfig", "DoRAConfig", "DeLoRAConfig", "IA3Config", "IA3FFConfig", "HRAConfig", "RoadConfig",
     "EVAConfig", "LoRAXSConfig", "AntiPaSTOConfig", "AntiPaSTOGainConfig", "AntiPaSTOAblateConfig",
     "AntiPaSTOCorDAConfig", "AntiPaSTOASVDConfig", "AntiPaSTODPLRConfig",
     "LoraLiteError", "ConfigError", "UnknownVariantError", "TargetError", "UnsupportedLayerError", "CalibrationError",
-    "AttachStateError", "CheckpointError",
+    "AttachStateError", "CheckpointError", "ConversionError",
 ]

@@ -39,3 +39,7 @@ class AttachStateError(LoraLiteError, RuntimeError):
 
 class CheckpointError(LoraLiteError, ValueError):
     """An adapter file is unreadable, malformed, or does not fit the model it is loaded onto."""
+
+
+class ConversionError(LoraLiteError, ValueError):
+    """merge / export_peft / import_peft cannot represent this adapter exactly in the requested form."""

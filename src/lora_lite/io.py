@@ -135,6 +135,13 @@ def load(model: nn.Module, path: str | os.PathLike):
     LoraLiteError is raised and the model is left exactly as it was.
     """
     cfg, targets, tensors = read_adapter_file(path)
+    return attach_tensors(model, cfg, targets, tensors, source=str(path))
+
+
+def attach_tensors(model: nn.Module, cfg: AdapterConfig, targets: list[str], tensors: dict[str, torch.Tensor],
+                   source: str):
+    """Attach `cfg` with the given `<module>.<lora tensor>` values after checking they fit `model` exactly."""
+    path = source
     variant = variant_of(cfg)
     if get_state(model) is not None:
         raise AttachStateError("this model already carries an adapter; call lora_lite.detach(model) before load()")

@@ -45,6 +45,7 @@ class AttachState:
     layers: dict[str, nn.Module] = field(default_factory=dict)
     handles: list[RemovableHandle] = field(default_factory=list)
     trainable_before: list[nn.Parameter] = field(default_factory=list)
+    disabled: bool = False  # set by lora_lite.disabled(model); every hook then passes its input through
 
 
 def get_state(model: nn.Module) -> AttachState | None:
@@ -109,7 +110,7 @@ def _attach(model, cfg, *, calibration_data, state_dict, targets=None):
                 variant.init(layer, cfg)
         for layer in state.layers.values():
             _apply_residual(layer)
-            state.handles.append(_register_hook(layer, variant))
+            state.handles.append(_register_hook(layer, variant, state))
         if state_dict is None and hasattr(variant, "group_init"):
             # Hooks are live here, so each layer's calibration inputs are what training will see downstream.
             variant.group_init(model, [(n, state.layers[n]) for n, *_ in plans], cfg, calibration_data)
@@ -176,14 +177,18 @@ def _apply_residual(layer):
     layer.weight.copy_((original - delta).to(layer.weight.dtype))
 
 
-def _register_hook(layer, variant):
+def _register_hook(layer, variant, state):
     if hasattr(variant, "forward_input"):
         def pre_hook(mod, args):
+            if state.disabled:
+                return None
             x = args[0]
             return (variant.forward_input(mod, x.to(mod._lora_dtype)).to(x.dtype), *args[1:])
         return layer.register_forward_pre_hook(pre_hook)
 
     def post_hook(mod, args, y):
+        if state.disabled:
+            return None
         return variant.forward(mod, args[0].to(mod._lora_dtype), y).to(y.dtype)
     return layer.register_forward_hook(post_hook)
 

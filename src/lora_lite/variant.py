@@ -13,8 +13,17 @@ A variant is a class (never instantiated) with static methods; the runtime finds
     group_init(model, targets, cfg, data)       model-level or data-driven init, run with hooks active
     base_delta(layer) -> (d_out, d_in) tensor   the part of W the adapter takes over; the runtime writes
                                                 W <- W - base_delta and restores W bit-exactly on detach
-    delta_weight(layer) -> (d_out, d_in)        W_merged - W for additive variants (used by merge/export)
-    needs_dense_weight: bool                    True if init/forward read a dense float nn.Linear weight
+    delta_weight(layer) -> (d_out, d_in)        fp32 W_merged - W_current for additive variants (merge). W_current
+                                                is layer.weight as it is now (W_res for base_delta variants)
+    merged_weight(layer, W, bias) -> (W', b')   merge for non-additive variants: fp32 merged weight and bias from
+                                                the current dense W and bias (fp32; bias may be None). IA3 scales
+                                                rows and bias, RoAd rotates both, HRA multiplies W on the input side
+    lora_factors(layer) -> (A, B, scale)        fp32 A (k, d_in), B (d_out, k), float scale with
+                                                W_merged - W_original = scale · B A exactly, W_original being the
+                                                weight before attach. Makes the variant exportable as a plain LoRA
+                                                (export_peft); scale must be the same on every layer
+    needs_dense_weight: bool                    True if forward reads (DoRA) or attach rewrites (PiSSA) a dense
+                                                float weight; others read W only through quant.dense_weight
     requires_calibration: bool                  True if group_init cannot run without data
     check(d_in, d_out, cfg)                     raise ConfigError for shapes the variant cannot take
     added_macs(d_in, d_out, cfg) -> int         forward multiply-accumulates per token the adapter adds to one

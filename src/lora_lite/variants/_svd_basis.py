@@ -5,7 +5,8 @@
 
 The runtime writes W_res = W − U diag(S) Vh into the layer through `base_delta`, computed from the stored
 (already rounded) buffers, so identity costs one rounding of W_res, and restores W bit-exactly on detach.
-The buffers are saved, so load() needs neither an SVD nor calibration data. The data-driven members store an
+The buffers are saved, so load() needs neither an SVD nor calibration data. Every member's change against
+the original W is U (core − diag S) P, at most rank r, so each exports as an exact PEFT LoRA (lora_factors). The data-driven members store an
 oblique input projector P in place of Vh (`lora_P`); everything here takes the input-side buffer's name.
 
 Default r is 256 (only about r scalars train per layer). r above min(d_in, d_out) is a ConfigError naming
@@ -72,10 +73,15 @@ def basis_macs(d_in, d_out, cfg):
 def gain(layer):
     """(r,) factor 1 + ELU(coeff·g): e^z for z ≤ 0, 1 + z above, C¹, always > 0, exactly 1 at g = 0.
     (A linear 1 + z flips sign below −1, exp blows up, tanh needs an arbitrary bound.)"""
+    return 1.0 + gain_excess(layer)
+
+
+def gain_excess(layer):
+    """gain − 1 = ELU(coeff·g), computed directly (1 + ELU − 1 would cancel small changes)."""
     cfg, g = layer._lora_cfg, layer.lora_g
     if cfg.suppress_only:
         g = g.clamp(max=0.0)
-    return 1.0 + F.elu(cfg.coeff * g)
+    return F.elu(cfg.coeff * g)
 
 
 def gain_forward(layer, x, y, input_name="lora_Vh"):
@@ -88,3 +94,17 @@ def gain_delta_weight(layer, input_name="lora_Vh"):
     """U diag(S ⊙ gain) Vh: the dense path that gain_forward adds on top of W_res."""
     s_eff = layer.lora_S.float() * gain(layer).float()
     return (layer.lora_U.float() * s_eff) @ getattr(layer, input_name).float()
+
+
+def core_lora_factors(layer, core_change, input_name="lora_Vh"):
+    """Export form of W_res + U C P − W = U (C − diag S) P for an (r, r) core change C − diag S.
+
+    Rank r against the original W: A = P (r, d_in), B = U (C − diag S) (d_out, r), scale 1.
+    """
+    return getattr(layer, input_name).float(), layer.lora_U.float() @ core_change.float(), 1.0
+
+
+def gain_lora_factors(layer, input_name="lora_Vh"):
+    """The gain family: U diag(S ⊙ (gain − 1)) P, a diagonal core change."""
+    s_change = layer.lora_S.float() * gain_excess(layer).float()
+    return getattr(layer, input_name).float(), layer.lora_U.float() * s_change, 1.0

@@ -103,3 +103,18 @@ class AntiPaSTO:
     def delta_weight(layer):
         U, Vh = rotated_basis(layer)
         return (U.float() * (layer.lora_S + layer.lora_delta_s).float()) @ Vh.float()
+
+    @staticmethod
+    def lora_factors(layer):
+        """U R_uᵀ diag(S + δs) R_v Vh − U diag(S) Vh: the rotations stay inside the basis, so the change is
+        U M Vh with the (r, r) M = R_uᵀ diag(S + δs) R_v − diag(S), rank r."""
+        cfg, S = layer._lora_cfg, layer.lora_S.float()
+        eye = torch.eye(cfg.r, device=S.device)
+
+        def dense(T):
+            return torch.block_diag(*block_rotations(T, cfg.block_size, cfg.max_rotation_angle))
+        R_v = dense(layer.lora_rot_T) if cfg.rotate_basis in ("V", "both") else eye
+        T_u = layer.lora_rot_T_u if cfg.rotate_basis == "both" else getattr(layer, "lora_rot_T", None)
+        R_u = dense(T_u) if cfg.rotate_basis in ("U", "both") else eye
+        M = R_u.T @ (S + layer.lora_delta_s.float()).diag() @ R_v - S.diag()
+        return basis.core_lora_factors(layer, M)

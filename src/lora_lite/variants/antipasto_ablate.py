@@ -36,15 +36,20 @@ class AntiPaSTOAblateConfig(basis.SVDBasisConfig):
     coeff: float = 1.0
 
 
-def core(layer) -> torch.Tensor:
-    """(r, r) symmetric I − coeff·Ĉ diag(sigmoid(a)) Ĉᵀ acting on the S-scaled coordinates."""
+def directions(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ĉ (r, k) with orthonormal columns and the strengths sigmoid(a) (k,)."""
     c = layer.lora_c
     if c.shape[1] == 1:
         c_hat = c / (c.norm(dim=0, keepdim=True) + 1e-6)
     else:
         c_hat = torch.linalg.qr(c.float())[0].to(c.dtype)
-    alpha = layer.lora_alpha.sigmoid()
-    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return c_hat, layer.lora_alpha.sigmoid()
+
+
+def core(layer) -> torch.Tensor:
+    """(r, r) symmetric I − coeff·Ĉ diag(sigmoid(a)) Ĉᵀ acting on the S-scaled coordinates."""
+    c_hat, alpha = directions(layer)
+    eye = torch.eye(c_hat.shape[0], dtype=c_hat.dtype, device=c_hat.device)
     return eye - layer._lora_cfg.coeff * (c_hat * alpha) @ c_hat.T
 
 
@@ -85,3 +90,10 @@ class AntiPaSTOAblate:
     def delta_weight(layer):
         M = core(layer).float()
         return (layer.lora_U.float() @ M * layer.lora_S.float()) @ layer.lora_Vh.float()
+
+    @staticmethod
+    def lora_factors(layer):
+        """U (M − I) diag(S) Vh = −coeff·(U Ĉ diag σ(a))(Ĉᵀ diag(S) Vh): rank k against the original W."""
+        c_hat, alpha = (t.float() for t in directions(layer))
+        B = -layer._lora_cfg.coeff * (layer.lora_U.float() @ c_hat) * alpha
+        return (c_hat.T * layer.lora_S.float()) @ layer.lora_Vh.float(), B, 1.0

@@ -86,3 +86,7 @@ class AntiPaSTOCorDA:
     @staticmethod
     def delta_weight(layer):
         return basis.gain_delta_weight(layer, "lora_P")
+
+    @staticmethod
+    def lora_factors(layer):
+        return basis.gain_lora_factors(layer, "lora_P")

@@ -66,3 +66,8 @@ class AntiPaSTODPLR:
         core = layer._lora_cfg.coeff * (layer.lora_B.float() @ layer.lora_A.float())
         core = core + (layer.lora_S.float() * basis.gain(layer).float()).diag()
         return layer.lora_U.float() @ core @ layer.lora_Vh.float()
+
+    @staticmethod
+    def lora_factors(layer):
+        change = layer._lora_cfg.coeff * (layer.lora_B.float() @ layer.lora_A.float())
+        return basis.core_lora_factors(layer, change + (layer.lora_S.float() * basis.gain_excess(layer).float()).diag())

@@ -35,6 +35,7 @@ class AntiPaSTOGain:
     added_macs = staticmethod(basis.basis_macs)
     forward = staticmethod(basis.gain_forward)
     delta_weight = staticmethod(basis.gain_delta_weight)
+    lora_factors = staticmethod(basis.gain_lora_factors)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -9,7 +9,8 @@ A LoRA whose update has a learnable, bounded strength λ, independent of the fac
 Matches PEFT's DeLoRA forward, in PEFT's order: folding w into A (x (A diag w)ᵀ) would save a copy of x per
 layer, but moves λ's gradient, a sum with heavy cancellation, by ~1e-5 relative. Identity holds because
 B = 0; B still gets a gradient at step 0 through the clamped norm, and A from step 1. λ0 must be > 0, or every
-gradient is zero. Reads W once, at init.
+gradient is zero. Reads W once, at init (dequantized on bitsandbytes layers).
+Mergeable, and exportable as a plain rank-r LoRA: A' = diag(λ/(r‖A_k‖‖B^k‖)) A diag(w), B' = B.
 Trainable params per layer: r·(d_in + d_out) + 1. Needs a higher learning rate than LoRA (paper: 10-100x).
 """
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from ..config import AdapterConfig
 from ..errors import ConfigError
+from ..quant import dense_weight
 from ..variant import ParamSpec, check_rank, register
 
 
@@ -58,7 +60,7 @@ class DeLoRA:
     @staticmethod
     @torch.no_grad()
     def init(layer, cfg):
-        layer.lora_wnorm.copy_(torch.linalg.vector_norm(layer.weight, dim=0, dtype=torch.float32))
+        layer.lora_wnorm.copy_(torch.linalg.vector_norm(dense_weight(layer), dim=0))
 
     @staticmethod
     def forward(layer, x, y):
@@ -69,3 +71,8 @@ class DeLoRA:
     def delta_weight(layer):
         A, B = layer.lora_A.float(), layer.lora_B.float()
         return (B * _factor_scale(layer).float()) @ A * layer.lora_wnorm.float()
+
+    @staticmethod
+    def lora_factors(layer):
+        A = _factor_scale(layer).float()[:, None] * layer.lora_A.float() * layer.lora_wnorm.float()
+        return A, layer.lora_B.float(), 1.0

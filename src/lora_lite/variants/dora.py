@@ -11,7 +11,8 @@ The row norm is factored so no d_out×d_in temporary is built:
 costing r·d_in·d_out once per call instead of per token. Identity at init: B = 0 and m = ‖W‖, and the
 output is formed as y + (m/n − 1)⊙Wx + (m/n)⊙s·BAx (as PEFT does) with n rounded to m's dtype, so it is
 exact in bf16 too.
-Reads the dense weight in forward, so it needs a plain float nn.Linear.
+Reads the dense weight in forward, so it needs a plain float nn.Linear. Merge: W' = (m / ‖W + sBA‖) ⊙ (W + sBA).
+No plain-LoRA export: the row rescaling makes ΔW full rank (PEFT keeps it as use_dora, which vLLM refuses).
 Trainable params per layer: r·(d_in + d_out) + d_out.
 """
 

@@ -40,6 +40,7 @@ class EVA:
     forward = staticmethod(LoRA.forward)
     delta_weight = staticmethod(LoRA.delta_weight)
     added_macs = staticmethod(LoRA.added_macs)
+    lora_factors = staticmethod(LoRA.lora_factors)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

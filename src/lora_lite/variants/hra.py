@@ -12,6 +12,7 @@ Init is PEFT's symmetric one: adjacent rows are equal, so H_{2k} H_{2k+1} = I an
 still gets a gradient at step 0. That needs an even r. Matches PEFT's reflection order (x Rᵀ, not x R).
 No Gram-Schmidt option; the paper's orthogonality regulariser is a loss term left to the user.
 Hook-only: works on quantized layers. Trainable params per layer: r·d_in.
+Merge: W' = W R. Export: W R − W = −W Uᵀ T U has rank ≤ r, an exact rank-r LoRA (A = U, B = −W Uᵀ T).
 """
 
 import math
@@ -23,6 +24,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import ConfigError
+from ..quant import dense_weight
 from ..variant import ParamSpec, check_rank, register
 
 
@@ -85,3 +87,16 @@ class HRA:
         U, Tt = wy_factors(layer)
         U, T = U.float(), Tt.float().T
         return torch.eye(U.shape[1], device=U.device) - U.T @ T @ U
+
+    @staticmethod
+    def merged_weight(layer, W, bias):
+        U, Tt = wy_factors(layer)
+        U, T = U.float(), Tt.float().T
+        return W - ((W @ U.T) @ T) @ U, bias  # W R in O(d_out·d_in·r), never building R
+
+    @staticmethod
+    def lora_factors(layer):
+        """W R − W = −W Uᵀ T U: rank ≤ r, so A = U and B = −W Uᵀ T, in closed form."""
+        U, Tt = wy_factors(layer)
+        U, T = U.float(), Tt.float().T
+        return U, -(dense_weight(layer) @ U.T @ T), 1.0

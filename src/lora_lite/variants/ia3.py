@@ -4,6 +4,7 @@ Learning", arXiv 2205.05638. Output-gate form, meant for k_proj / v_proj.
     y' = y ⊙ g          g: (d_out,) ones at init, trainable   (the bias is gated too, as in PEFT)
 
 Identity is exact. Hook-only, so it works on quantized layers. Trainable params per layer: d_out.
+Merge: W' = diag(g) W, b' = g ⊙ b. ΔW rescales every row, so it is full rank: no LoRA export.
 bf16 note: the spacing of bf16 near 1.0 is 7.8e-3, so updates far below ~4e-3 round away; use lr ≳ 5e-3
 or fp32 adapters. r and alpha are unused.
 """
@@ -40,3 +41,8 @@ class IA3:
     @staticmethod
     def forward(layer, x, y):
         return y * layer.lora_g
+
+    @staticmethod
+    def merged_weight(layer, W, bias):
+        g = layer.lora_g.float()
+        return g[:, None] * W, None if bias is None else g * bias

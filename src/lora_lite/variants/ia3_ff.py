@@ -4,6 +4,7 @@ The gate scales the *input* of the FFN's second linear (down_proj / fc2), i.e. t
     y' = (x ⊙ g) Wᵀ + b        g: (d_in,) ones at init, trainable
 
 Applied in a forward pre-hook. Identity is exact. Hook-only. Trainable params per layer: d_in.
+Merge: W' = W diag(g), bias unchanged. ΔW is full rank: no LoRA export.
 r and alpha are unused.
 """
 
@@ -39,3 +40,7 @@ class IA3FF:
     @staticmethod
     def forward_input(layer, x):
         return x * layer.lora_g
+
+    @staticmethod
+    def merged_weight(layer, W, bias):
+        return W * layer.lora_g.float(), bias

@@ -56,3 +56,7 @@ class LoRA:
     @staticmethod
     def delta_weight(layer):
         return layer._lora_cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
+
+    @staticmethod
+    def lora_factors(layer):
+        return layer.lora_A.float(), layer.lora_B.float(), layer._lora_cfg.scale

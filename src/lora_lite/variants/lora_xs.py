@@ -10,6 +10,7 @@ defaults to r (s = 1), the paper's setting. W is left intact (no residual is wri
 R is stored as used here (x Aᵀ Rᵀ); the paper's R is its transpose.
 Identity at init is approximate: R ~ N(0, 1e-5) moves the output by about 1e-5·‖A‖·‖B‖.
 Reads W once at init, so it needs a dense nn.Linear. Trainable params per layer: r².
+Exports as a plain rank-r LoRA (A' = R A, B' = B); W is intact, so that is exact.
 """
 
 from dataclasses import dataclass
@@ -70,3 +71,7 @@ class LoRAXS:
     @staticmethod
     def delta_weight(layer):
         return layer._lora_cfg.scale * (layer.lora_B.float() @ layer.lora_R.float() @ layer.lora_A.float())
+
+    @staticmethod
+    def lora_factors(layer):
+        return layer.lora_R.float() @ layer.lora_A.float(), layer.lora_B.float(), layer._lora_cfg.scale

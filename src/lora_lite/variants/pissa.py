@@ -8,6 +8,7 @@ LoRA whose factors start on the top-r singular triplets of W, with the rest left
 Dividing S by s (as PEFT does) gives the same starting product s·B0A0 = U_r S_r Vh_r for any alpha.
 The runtime writes W_res into the layer (through `base_delta`) and restores the original W bit-exactly on
 detach. A0/B0 are saved, so load rebuilds W_res without an SVD and a rank-2r PEFT export is exact.
+Merging adds s·B A to W_res; the merged weight is W_res + s·B A, not the original W.
 Identity holds up to one rounding of W_res to W's dtype. Needs a dense nn.Linear (no quantized bases).
 Trainable params per layer: r·(d_in + d_out), plus as many frozen.
 """
@@ -62,3 +63,10 @@ class PiSSA:
     @staticmethod
     def base_delta(layer):
         return layer._lora_cfg.scale * (layer.lora_B0.float() @ layer.lora_A0.float())
+
+    @staticmethod
+    def lora_factors(layer):
+        """Rank 2r against the original W: W_res + s·B A − W = s·[B, −B0] [A; A0] (PEFT's PiSSA conversion)."""
+        A = torch.cat([layer.lora_A.float(), layer.lora_A0.float()])
+        B = torch.cat([layer.lora_B.float(), -layer.lora_B0.float()], dim=1)
+        return A, B, layer._lora_cfg.scale

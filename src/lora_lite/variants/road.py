@@ -10,6 +10,7 @@ second half form a 2-D pair that is rotated by θ and scaled by α:
 θ = 0 and α = 1 at init, so identity is exact. The bias is rotated too (PEFT's unmerged path).
 rotate_half is linear, so rotate_half(y) ⊙ c2 = rotate_half(y ⊙ swap_halves(c2)): computed that way, backward
 keeps only y (shared by both products) instead of y and a rotated copy of it.
+Merge: W' = R W, b' = R b. R − I is full rank in general: no LoRA export.
 Hook-only: works on quantized layers. r and alpha are unused.
 """
 
@@ -42,6 +43,13 @@ def columns(layer) -> tuple[torch.Tensor, torch.Tensor]:
         theta, alpha = theta.reshape(-1, 2, cfg.group_size), alpha.reshape(-1, 2, cfg.group_size)
         return (alpha[:, 0] * theta[:, 0].cos()).flatten(), (alpha[:, 1] * theta[:, 1].sin()).flatten()
     return alpha * theta.cos(), alpha * theta.sin()
+
+
+def _rotate(y, c1, c2, half):
+    """R y along the last dim: y ⊙ c1 + rotate_half(y) ⊙ c2."""
+    grouped = y.reshape(*y.shape[:-1], -1, 2, half)
+    rotated = torch.stack((-grouped[..., 1, :], grouped[..., 0, :]), dim=-2).reshape(y.shape)
+    return y * c1 + rotated * c2
 
 
 @register
@@ -94,3 +102,10 @@ class Road:
         # rotate_half: out[first] gets −y[partner]·c2, out[second] gets +y[partner]·c2
         R[idx, partner] = torch.where(in_first_half, -c2, c2)
         return R
+
+    @staticmethod
+    def merged_weight(layer, W, bias):
+        # R W = (Wᵀ Rᵀ)ᵀ: rotate the rows of Wᵀ like outputs, O(d_out·d_in) instead of a dense R @ W
+        c1, c2 = (c.float() for c in columns(layer))
+        half = layer._lora_cfg.group_size // 2
+        return _rotate(W.T, c1, c2, half).T, None if bias is None else _rotate(bias, c1, c2, half)

@@ -1,0 +1,53 @@
+"""Helpers shared by the deployment tests (merge, disabled, PEFT export/import) and the merged == hooked column
+of the invariant matrix. Variants are configured by tests/variant_cases.py CASES, as everywhere else.
+
+`trained(...)` stands in for a trained adapter: every trainable lora_* tensor gets seeded noise, so merged
+weights, exports and disabled() are checked on an adapter that clearly changes the outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import lora_lite as ll
+from conftest import fresh_model
+from variant_cases import CASES
+
+# Variants whose change against the original W is exactly low-rank (they define lora_factors), and the rank
+# of their export when it is not the config's r.
+EXPORT_RANK = {"pissa": lambda cfg: 2 * cfg.r, "antipasto_ablate": lambda cfg: cfg.k}
+
+
+def exportable(name: str) -> bool:
+    return hasattr(ll.REGISTRY[name], "lora_factors")
+
+
+@torch.no_grad()
+def perturb(model, seed=0, std=0.1):
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" in name:
+            p.add_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
+
+
+def trained(name: str, dtype=torch.float32, kind="qwen", seed=0, cfg=None):
+    model = fresh_model(kind, dtype)
+    case = CASES[name]
+    calib = case.calibration(model) if case.calibration is not None else None
+    ll.attach(model, cfg or case.config(kind), calibration_data=calib)
+    perturb(model, seed)
+    return model
+
+
+def ids(n=3, t=12, vocab=128, seed=1):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model(input_ids=x).logits.float()
+
+
+def rel_err(a, b) -> float:
+    """max |a − b| / max |b|: the error relative to the output's scale."""
+    return ((a - b).abs().max() / b.abs().max()).item()
