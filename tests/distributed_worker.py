@@ -1,0 +1,119 @@
+"""One rank of the multi-process tests in test_distributed.py; started by torchrun or accelerate launch.
+
+For each (mode, variant): build the tiny Qwen (same base on every rank), attach with a rank-dependent seed (so
+the random inits differ until broadcast_adapter), wrap (DDP, FSDP2 fully_shard, or accelerate's prepare), train
+`steps` SGD steps where every rank sees its shard of a global batch of world·batch rows, and save the adapter
+(rank 0 writes <out>/<mode>-<variant>.safetensors). The test compares those files with single-process training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import lora_lite as ll  # noqa: E402
+from conftest import make_tiny_qwen  # noqa: E402
+from lora_lite import distributed as lld  # noqa: E402
+from lora_lite.config import config_class  # noqa: E402
+
+VOCAB, SEQ, LR = 128, 16, 0.5
+
+
+def make_config(variant: str):
+    extra = {"group_size": 16} if variant == "road" else {}
+    return config_class(variant)(r=4, **extra)
+
+
+def global_batch(step: int, rows: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (rows, SEQ), generator=torch.Generator().manual_seed(step))
+    return {"input_ids": ids, "labels": ids}  # no padding: every row has the same number of loss tokens
+
+
+def calibration_batches() -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(100 + i))}
+            for i in range(2)]
+
+
+def attach(model, variant: str, seed: int) -> None:
+    cfg = make_config(variant)
+    torch.manual_seed(seed)
+    needs_data = getattr(ll.REGISTRY[variant], "requires_calibration", False)
+    ll.attach(model, cfg, calibration_data=calibration_batches() if needs_data else None)
+
+
+def train(model, steps: int, rows: int, shard: bool, backward=None) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    for step in range(steps):
+        batch = global_batch(step, rows)
+        loss = model(**(lld.shard_batch(batch) if shard else batch)).loss  # per-token mean on this rank's rows
+        (backward or torch.Tensor.backward)(loss)
+        opt.step()
+        opt.zero_grad()
+
+
+def run(mode: str, variant: str, steps: int, batch: int, out: Path, accelerator=None) -> None:
+    model = make_tiny_qwen(seed=0)
+    attach(model, variant, seed=1000 + lld.rank())
+    lld.broadcast_adapter(model)
+    sums = [None] * lld.world_size()
+    torch.distributed.all_gather_object(sums, {k: v.double().sum().item()
+                                               for k, v in lld.adapter_state_dict(model).items()})
+    assert all(s == sums[0] for s in sums), f"{variant}: adapter differs across ranks after broadcast_adapter"
+    rows = batch * lld.world_size()
+    if mode == "ddp":
+        train(DDP(model), steps, rows, shard=True)
+    elif mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        train(model, steps, rows, shard=True)
+    elif mode == "accelerate":
+        wrapped = accelerator.prepare(model)
+        train(wrapped, steps, rows, shard=True, backward=accelerator.backward)
+        model = wrapped
+    lld.save(model, out / f"{mode}-{variant}.safetensors")
+
+
+def check_rank_mismatch_is_caught() -> None:
+    model = make_tiny_qwen(seed=0)
+    ll.attach(model, ll.LoRAConfig(r=4 if lld.is_main_process() else 2))
+    try:
+        lld.broadcast_adapter(model)
+    except ll.LoraLiteError as e:
+        assert "rank 1 attached a different adapter than rank 0" in str(e), e
+    else:
+        raise AssertionError("broadcast_adapter accepted adapters of different shapes")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--modes", required=True)
+    parser.add_argument("--variants", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    accelerator = None
+    if "accelerate" in args.modes:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)  # joins the group accelerate launch set up (env://, gloo)
+    assert lld.init_from_env() and lld.world_size() == 2, "run under torchrun / accelerate launch with 2 processes"
+    check_rank_mismatch_is_caught()
+    for mode in args.modes.split(","):
+        for variant in args.variants.split(","):
+            run(mode, variant, args.steps, args.batch, args.out, accelerator)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

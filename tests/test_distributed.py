@@ -1,0 +1,123 @@
+"""Multi-process training equals single-process training on the concatenated batch (CPU, gloo, 2 processes).
+
+One torchrun launch (tests/distributed_worker.py) trains every variant under DDP, FSDP2 and accelerate's
+prepare(), each rank on its half of a global batch, starting from rank-dependent random inits that
+broadcast_adapter must reconcile. Here the same steps run in one process on the whole batch, and the adapter
+tensors must match; training on one shard alone must not.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_lite as ll
+from conftest import make_tiny_qwen
+from distributed_worker import attach, train
+from lora_lite import distributed as lld
+from lora_lite.errors import DistributedError
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_worker.py"
+MODES = ("ddp", "fsdp2", "accelerate")
+VARIANTS = ("lora", "dora", "delora", "ia3", "ia3_ff", "hra", "road", "pissa")
+STEPS, PER_RANK, WORLD = 3, 2, 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = WORLD, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    torchrun([str(WORKER), "--modes", ",".join(MODES), "--variants", ",".join(VARIANTS), "--steps", str(STEPS),
+              "--batch", str(PER_RANK), "--out", str(out)])
+    return out
+
+
+def single_process(variant: str, rows: int) -> dict[str, torch.Tensor]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these models are tiny; a second thread only adds contention on a shared CPU
+    try:
+        model = make_tiny_qwen(seed=0)
+        attach(model, variant, seed=1000)  # rank 0's seed: its init is the one broadcast_adapter gives every rank
+        train(model, STEPS, rows, shard=False)
+        return lld.adapter_state_dict(model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_adapter(got: dict, ref: dict, what: str) -> None:
+    assert sorted(got) == sorted(ref), what
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{what} {key}: {m}")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_multi_process_training_matches_single_process(trained, variant):
+    full = single_process(variant, rows=PER_RANK * WORLD)
+    for mode in MODES:
+        assert_same_adapter(load_file(trained / f"{mode}-{variant}.safetensors"), full, f"{mode}/{variant}")
+    # Control: training on one rank's shard alone lands outside that tolerance, so the match needs the all-reduce.
+    with pytest.raises(AssertionError):
+        assert_same_adapter(single_process(variant, rows=PER_RANK), full, f"one shard/{variant}")
+
+
+def test_shard_batch_splits_rows_and_passes_scalars():
+    ids = torch.arange(12).view(6, 2)
+    batch = {"input_ids": ids, "labels": ids + 100, "extra": (ids, None), "flag": True}
+    parts = [lld.shard_batch(batch, rank=r, world=3) for r in range(3)]
+    assert torch.equal(torch.cat([p["input_ids"] for p in parts]), ids)
+    assert torch.equal(parts[1]["labels"], ids[2:4] + 100)
+    assert torch.equal(parts[2]["extra"][0], ids[4:6]) and parts[2]["extra"][1] is None and parts[0]["flag"] is True
+    assert torch.equal(lld.shard_batch(ids), ids)  # no process group: rank 0 of 1
+
+
+def test_shard_batch_rejects_uneven_or_ragged_batches():
+    with pytest.raises(DistributedError, match="5 rows cannot be split evenly over 2 ranks"):
+        lld.shard_batch(torch.zeros(5, 3), rank=0, world=2)
+    with pytest.raises(DistributedError, match="share their first"):
+        lld.shard_batch({"a": torch.zeros(4), "b": torch.zeros(2)}, rank=0, world=2)
+    with pytest.raises(DistributedError, match="cannot split a set"):
+        lld.shard_batch({"a": torch.zeros(4), "b": {1, 2}}, rank=0, world=2)
+
+
+def test_single_process_helpers_without_a_group(tmp_path):
+    assert (lld.rank(), lld.world_size(), lld.is_main_process(), lld.is_distributed()) == (0, 1, True, False)
+    model = make_tiny_qwen()
+    ll.attach(model, ll.LoRAConfig(r=2))
+    lld.broadcast_adapter(model)  # a no-op without a group
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # how DDP, FSDP1 and DeepSpeed hold the model
+    path = lld.save(wrapper, tmp_path / "a.safetensors")
+    assert sorted(load_file(path)) == sorted(lld.adapter_state_dict(model))
+
+
+def test_init_from_env_requires_the_launcher_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(DistributedError, match="torchrun"):
+        lld.init_from_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert lld.init_from_env() is False and not lld.is_distributed()
