@@ -4,11 +4,13 @@ For each (mode, variant): build the tiny Qwen (same base on every rank), attach 
 the random inits differ until broadcast_adapter), wrap (DDP, FSDP2 fully_shard, or accelerate's prepare), train
 `steps` SGD steps where every rank sees its shard of a global batch of world·batch rows, and save the adapter
 (rank 0 writes <out>/<mode>-<variant>.safetensors). The test compares those files with single-process training.
+Last, it runs examples/train_distributed.py with EXAMPLE_FLAGS and --fsdp in the same process group.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -23,6 +25,15 @@ from lora_lite import distributed as lld  # noqa: E402
 from lora_lite.config import config_class  # noqa: E402
 
 VOCAB, SEQ, LR = 128, 16, 0.5
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
+EXAMPLE_FLAGS = ["--variant", "dora", "--steps", "4", "--lr", "3e-2"]
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("train_distributed", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_config(variant: str):
@@ -112,6 +123,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         for variant in args.variants.split(","):
             run(mode, variant, args.steps, args.batch, args.out, accelerator)
+    load_example().main([*EXAMPLE_FLAGS, "--fsdp", "--out", str(args.out / "example-fsdp.safetensors")])
     torch.distributed.destroy_process_group()
 
 

@@ -8,7 +8,9 @@ tensors must match; training on one shard alone must not.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 
 import lora_lite as ll
 from conftest import make_tiny_qwen
-from distributed_worker import attach, train
+from distributed_worker import EXAMPLE_FLAGS, attach, load_example, train
 from lora_lite import distributed as lld
 from lora_lite.errors import DistributedError
 
@@ -37,50 +39,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], nproc: int = WORLD, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(args: list[str], launcher: str = "torchrun", timeout: int = 300) -> subprocess.CompletedProcess:
+    """Start `args` (a script and its flags) on WORLD CPU processes with torchrun or accelerate launch."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *args]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+    else:  # --multi_gpu selects accelerate's torchrun-based launcher; without GPUs the ranks run on CPU with gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_ip=127.0.0.1",
+               f"--main_process_port={free_port()}", *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(tmp_path_factory) -> tuple[Path, str]:
+    """One `accelerate launch` of the worker for every mode and variant (accelerate's launcher runs torchrun's)."""
     out = tmp_path_factory.mktemp("dist")
-    torchrun([str(WORKER), "--modes", ",".join(MODES), "--variants", ",".join(VARIANTS), "--steps", str(STEPS),
-              "--batch", str(PER_RANK), "--out", str(out)])
-    return out
+    proc = launch([str(WORKER), "--modes", ",".join(MODES), "--variants", ",".join(VARIANTS), "--steps", str(STEPS),
+                   "--batch", str(PER_RANK), "--out", str(out)], launcher="accelerate")
+    return out, proc.stdout
 
 
-def single_process(variant: str, rows: int) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these models are tiny; a second thread only adds contention on a shared CPU
     try:
-        model = make_tiny_qwen(seed=0)
-        attach(model, variant, seed=1000)  # rank 0's seed: its init is the one broadcast_adapter gives every rank
-        train(model, STEPS, rows, shard=False)
-        return lld.adapter_state_dict(model)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
-def assert_same_adapter(got: dict, ref: dict, what: str) -> None:
+def single_process(variant: str, rows: int) -> dict[str, torch.Tensor]:
+    with one_thread():
+        model = make_tiny_qwen(seed=0)
+        attach(model, variant, seed=1000)  # rank 0's seed: its init is the one broadcast_adapter gives every rank
+        train(model, STEPS, rows, shard=False)
+        return lld.adapter_state_dict(model)
+
+
+def assert_same_adapter(got: dict, ref: dict, what: str, rtol: float = 1e-4, atol: float = 1e-6) -> None:
     assert sorted(got) == sorted(ref), what
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{what} {key}: {m}")
+        torch.testing.assert_close(got[key], ref[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{what} {key}: {m}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_multi_process_training_matches_single_process(trained, variant):
     full = single_process(variant, rows=PER_RANK * WORLD)
     for mode in MODES:
-        assert_same_adapter(load_file(trained / f"{mode}-{variant}.safetensors"), full, f"{mode}/{variant}")
+        assert_same_adapter(load_file(trained[0] / f"{mode}-{variant}.safetensors"), full, f"{mode}/{variant}")
     # Control: training on one rank's shard alone lands outside that tolerance, so the match needs the all-reduce.
     with pytest.raises(AssertionError):
         assert_same_adapter(single_process(variant, rows=PER_RANK), full, f"one shard/{variant}")
+
+
+def test_fsdp2_example_matches_one_process(trained, monkeypatch, capsys):
+    out_dir, launcher_stdout = trained
+    assert "saved" in launcher_stdout and "from 2 process(es), FSDP2" in launcher_stdout, launcher_stdout
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", launcher_stdout)]
+    assert len(losses) == 2 and losses[1] < losses[0], launcher_stdout
+    with one_thread():
+        load_example().main([*EXAMPLE_FLAGS, "--out", str(out_dir / "example-one.safetensors")])
+    assert "from 1 process(es)" in capsys.readouterr().out
+    # AdamW steps by about lr·g/|g|, so an entry whose gradient is near 0 (A while B is still ~0) turns float
+    # rounding into up to ~lr; 1 % of lr still tells a correct all-reduce from a wrong one (those differ by ~lr).
+    assert_same_adapter(load_file(out_dir / "example-fsdp.safetensors"), load_file(out_dir / "example-one.safetensors"),
+                        "example", rtol=1e-3, atol=3e-4)
 
 
 def test_shard_batch_splits_rows_and_passes_scalars():
