@@ -1,7 +1,8 @@
 """One rank of the multi-process tests in test_distributed.py; started by torchrun or accelerate launch.
 
 For each (mode, variant): build the tiny Qwen (same base on every rank), attach with a rank-dependent seed (so
-the random inits differ until broadcast_adapter), wrap (DDP, FSDP2 fully_shard, or accelerate's prepare), train
+the random inits differ until broadcast_adapter), wrap (DDP, FSDP2 fully_shard, FSDP1 with use_orig_params, or
+accelerate's prepare), train
 `steps` SGD steps where every rank sees its shard of a global batch of world·batch rows, and save the adapter
 (rank 0 writes <out>/<mode>-<variant>.safetensors). The test compares those files with single-process training.
 Last, it runs examples/train_distributed.py with EXAMPLE_FLAGS and --fsdp in the same process group.
@@ -86,6 +87,16 @@ def run(mode: str, variant: str, steps: int, batch: int, out: Path, accelerator=
             fully_shard(layer)
         fully_shard(model)
         train(model, steps, rows, shard=True)
+    elif mode == "fsdp1":  # hook adapters mix frozen W and trainable lora_* in one module: use_orig_params=True
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        policy = ModuleWrapPolicy({type(model.model.layers[0])})
+        model = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
+        train(model, steps, rows, shard=True)
+        with FSDP.summon_full_params(model, writeback=False):  # outside forward FSDP1 holds flat shards
+            lld.save(model, out / f"{mode}-{variant}.safetensors")
+        return
     elif mode == "accelerate":
         wrapped = accelerator.prepare(model)
         train(wrapped, steps, rows, shard=True, backward=accelerator.backward)
