@@ -104,15 +104,26 @@ def run(mode: str, variant: str, steps: int, batch: int, out: Path, accelerator=
     lld.save(model, out / f"{mode}-{variant}.safetensors")
 
 
-def check_rank_mismatch_is_caught() -> None:
+def expect_error(fn, message: str) -> None:
+    try:
+        fn()
+    except ll.DistributedError as e:
+        assert message in str(e), e
+    else:
+        raise AssertionError(f"no DistributedError ({message!r})")
+
+
+def check_misuse_is_caught() -> None:
+    from torch.distributed.fsdp import fully_shard
+
     model = make_tiny_qwen(seed=0)
     ll.attach(model, ll.LoRAConfig(r=4 if lld.is_main_process() else 2))
-    try:
-        lld.broadcast_adapter(model)
-    except ll.LoraLiteError as e:
-        assert "rank 1 attached a different adapter than rank 0" in str(e), e
-    else:
-        raise AssertionError("broadcast_adapter accepted adapters of different shapes")
+    expect_error(lambda: lld.broadcast_adapter(model), "rank 1 attached a different adapter than rank 0")
+    model = make_tiny_qwen(seed=0)
+    ll.attach(model, ll.LoRAConfig(r=4))
+    expect_error(lambda: lld.broadcast_adapter(DDP(model)), "before DDP/FSDP wrapping")
+    fully_shard(model)
+    expect_error(lambda: lld.broadcast_adapter(model), "only then fully_shard")
 
 
 def main() -> None:
@@ -130,7 +141,7 @@ def main() -> None:
 
         accelerator = Accelerator(cpu=True)  # joins the group accelerate launch set up (env://, gloo)
     assert lld.init_from_env() and lld.world_size() == 2, "run under torchrun / accelerate launch with 2 processes"
-    check_rank_mismatch_is_caught()
+    check_misuse_is_caught()
     for mode in args.modes.split(","):
         for variant in args.variants.split(","):
             run(mode, variant, args.steps, args.batch, args.out, accelerator)

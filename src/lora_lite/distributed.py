@@ -149,7 +149,11 @@ def broadcast_adapter(model: nn.Module, src: int = 0) -> None:
     """
     if not is_distributed():
         return
-    layers = adapter_layers(unwrap(model))
+    if unwrap(model) is not model:
+        raise DistributedError(f"broadcast_adapter got a {type(model).__name__} wrapper; call it on the bare model "
+                               "after attach and before DDP/FSDP wrapping (the wrapper only manages tensors that "
+                               "exist when it is built)")
+    layers = adapter_layers(model)
     signature = [(name, tname, tuple(getattr(layer, tname).shape), str(getattr(layer, tname).dtype))
                  for name, layer in layers.items() for tname in layer._lora_tensor_names]
     signatures = [None] * world_size()
@@ -162,15 +166,16 @@ def broadcast_adapter(model: nn.Module, src: int = 0) -> None:
     for layer in layers.values():
         for tname in layer._lora_tensor_names:
             t = getattr(layer, tname)
-            if _is_dtensor(t):
-                raise DistributedError("broadcast_adapter found sharded (DTensor) adapter tensors; call it after "
-                                       "attach and before fully_shard / FSDP wrapping")
+            if _is_dtensor(t) or _is_dtensor(layer.weight):
+                raise DistributedError("broadcast_adapter found sharded (DTensor) weights; attach, then call it, "
+                                       "and only then fully_shard the model (FSDP2 only manages tensors that exist "
+                                       "when it shards the module)")
             dist.broadcast(t.data, src)
         _apply_residual(layer)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+    return type(t).__name__ == "DTensor"  # by name: its module moved between torch releases
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
