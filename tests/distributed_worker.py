@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -126,6 +127,21 @@ def check_misuse_is_caught() -> None:
     expect_error(lambda: lld.broadcast_adapter(model), "only then fully_shard")
 
 
+def check_collective_helpers(out: Path) -> None:
+    items = list(range(7))
+    mine = lld.shard_list(items)
+    assert mine == (items[:3] if lld.rank() == 0 else items[3:]), mine
+    assert lld.gather_list([x * 10 for x in mine]) == [x * 10 for x in items]
+    assert lld.mean_over_ranks(float(lld.rank())) == 0.5
+    assert math.isnan(lld.mean_over_ranks(float("nan") if lld.rank() == 1 else 1.0))  # every rank sees rank 1's NaN
+    marker = out / "first.txt"
+    with lld.main_process_first():
+        if lld.is_main_process():
+            marker.write_text("rank 0 was here")
+        else:
+            assert marker.read_text() == "rank 0 was here"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--modes", required=True)
@@ -142,6 +158,7 @@ def main() -> None:
         accelerator = Accelerator(cpu=True)  # joins the group accelerate launch set up (env://, gloo)
     assert lld.init_from_env() and lld.world_size() == 2, "run under torchrun / accelerate launch with 2 processes"
     check_misuse_is_caught()
+    check_collective_helpers(args.out)
     for mode in args.modes.split(","):
         for variant in args.variants.split(","):
             run(mode, variant, args.steps, args.batch, args.out, accelerator)

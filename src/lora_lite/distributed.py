@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,6 +84,42 @@ def init_from_env(backend: str | None = None) -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+@contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (e.g. builds and caches a file), then the other ranks run it (and find the cache)."""
+    if not is_main_process():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main_process():
+            barrier()
+
+
+def mean_over_ranks(value: torch.Tensor | float) -> float:
+    """The mean of a scalar over all ranks (a NaN on any rank makes it NaN everywhere, so every rank sees it)."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=device()).detach().clone().reshape(())
+    if is_distributed():
+        dist.all_reduce(t)
+        t /= world_size()
+    return t.item()
+
+
+def shard_list(items: list) -> list:
+    """This rank's contiguous slice of `items` (sizes differ by at most one); gather_list undoes it, in order."""
+    n, r, w = len(items), rank(), world_size()
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def gather_list(local: list) -> list:
+    """Concatenate every rank's list in rank order, on every rank (any picklable items)."""
+    if not is_distributed():
+        return list(local)
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, list(local))
+    return [item for part in parts for item in part]
 
 
 def shard_batch(batch, rank: int | None = None, world: int | None = None):
