@@ -48,16 +48,18 @@ def global_batch(step: int, rows: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids}  # no padding: every row has the same number of loss tokens
 
 
-def calibration_batches() -> list[dict[str, torch.Tensor]]:
-    return [{"input_ids": torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(100 + i))}
+def calibration_batches(seed: int) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(seed + i))}
             for i in range(2)]
 
 
 def attach(model, variant: str, seed: int) -> None:
+    """Random inits draw from `seed`; data-driven ones calibrate on batches drawn from it, so ranks that pass
+    different seeds start from different adapters until broadcast_adapter hands them rank 0's."""
     cfg = make_config(variant)
     torch.manual_seed(seed)
     needs_data = getattr(ll.REGISTRY[variant], "requires_calibration", False)
-    ll.attach(model, cfg, calibration_data=calibration_batches() if needs_data else None)
+    ll.attach(model, cfg, calibration_data=calibration_batches(seed) if needs_data else None)
 
 
 def train(model, steps: int, rows: int, shard: bool, backward=None) -> None:
