@@ -8,7 +8,6 @@ tensors must match; training on one shard alone must not.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
@@ -64,22 +63,11 @@ def trained(tmp_path_factory) -> tuple[Path, str]:
     return out, proc.stdout
 
 
-@contextlib.contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these models are tiny; a second thread only adds contention on a shared CPU
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def single_process(variant: str, rows: int) -> dict[str, torch.Tensor]:
-    with one_thread():
-        model = make_tiny_qwen(seed=0)
-        attach(model, variant, seed=1000)  # rank 0's seed: its init is the one broadcast_adapter gives every rank
-        train(model, STEPS, rows, shard=False)
-        return lld.adapter_state_dict(model)
+    model = make_tiny_qwen(seed=0)
+    attach(model, variant, seed=1000)  # rank 0's seed: its init is the one broadcast_adapter gives every rank
+    train(model, STEPS, rows, shard=False)
+    return lld.adapter_state_dict(model)
 
 
 def assert_same_adapter(got: dict, ref: dict, what: str, rtol: float = 1e-4, atol: float = 1e-6) -> None:
@@ -103,8 +91,7 @@ def test_fsdp2_example_matches_one_process(trained, monkeypatch, capsys):
     assert "saved" in launcher_stdout and "from 2 process(es), FSDP2" in launcher_stdout, launcher_stdout
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", launcher_stdout)]
     assert len(losses) == 2 and losses[1] < losses[0], launcher_stdout
-    with one_thread():
-        load_example().main([*EXAMPLE_FLAGS, "--out", str(out_dir / "example-one.safetensors")])
+    load_example().main([*EXAMPLE_FLAGS, "--out", str(out_dir / "example-one.safetensors")])
     assert "from 1 process(es)" in capsys.readouterr().out
     # AdamW steps by about lr·g/|g|, so an entry whose gradient is near 0 (A while B is still ~0) turns float
     # rounding into up to ~lr; 1 % of lr still tells a correct all-reduce from a wrong one (those differ by ~lr).
