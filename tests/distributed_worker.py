@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora_lite as ll  # noqa: E402
 from conftest import make_tiny_qwen  # noqa: E402
 from lora_lite import distributed as lld  # noqa: E402
-from lora_lite.config import config_class  # noqa: E402
+from variant_cases import CASES  # noqa: E402
 
 VOCAB, SEQ, LR = 128, 16, 0.5
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
@@ -39,8 +39,7 @@ def load_example():
 
 
 def make_config(variant: str):
-    extra = {"group_size": 16} if variant == "road" else {}
-    return config_class(variant)(r=4, **extra)
+    return CASES[variant].config("qwen")  # the invariant matrix's small config for the tiny Qwen
 
 
 def global_batch(step: int, rows: int) -> dict[str, torch.Tensor]:

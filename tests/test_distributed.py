@@ -1,6 +1,6 @@
 """Multi-process training equals single-process training on the concatenated batch (CPU, gloo, 2 processes).
 
-One `accelerate launch` of tests/distributed_worker.py trains every variant under DDP, FSDP2, FSDP1
+One `accelerate launch` of tests/distributed_worker.py trains every registered variant under DDP, FSDP2, FSDP1
 (use_orig_params=True) and accelerate's prepare(), each rank on its half of a global batch, starting from
 rank-dependent random inits that broadcast_adapter must reconcile. Here the same steps run in one process on the whole batch, and the adapter
 tensors must match; training on one shard alone must not.
@@ -28,7 +28,7 @@ from lora_lite.errors import DistributedError
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 MODES = ("ddp", "fsdp2", "fsdp1", "accelerate")
-VARIANTS = ("lora", "dora", "delora", "ia3", "ia3_ff", "hra", "road", "pissa")
+VARIANTS = tuple(sorted(ll.REGISTRY))  # every registered method, data-driven ones (eva, ...) included
 STEPS, PER_RANK, WORLD = 3, 2, 2
 
 
