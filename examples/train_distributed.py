@@ -15,7 +15,6 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_lite as ll
 from lora_lite import distributed as lld
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         fully_shard(model)
         train_model = model
     else:
-        train_model = DDP(model) if lld.is_distributed() else model
+        train_model = lld.wrap_ddp(model)  # DDP with several processes, the model itself with one
     optimizer = torch.optim.AdamW([p for p in train_model.parameters() if p.requires_grad], lr=args.lr)
 
     # One global batch, the same on every rank (as in the README quickstart); a real loop would draw a new one per

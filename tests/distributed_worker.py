@@ -5,7 +5,8 @@ the random inits differ until broadcast_adapter), wrap (DDP, FSDP2 fully_shard, 
 accelerate's prepare), train
 `steps` SGD steps where every rank sees its shard of a global batch of world·batch rows, and save the adapter
 (rank 0 writes <out>/<mode>-<variant>.safetensors). The test compares those files with single-process training.
-Last, it runs examples/train_distributed.py with EXAMPLE_FLAGS and --fsdp in the same process group.
+Then it runs examples/train_distributed.py with EXAMPLE_FLAGS and --fsdp, and last `lora-lite bench` with
+BENCH_ARGS (which ends the process group), all in the same launch to pay the start-up once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from variant_cases import CASES  # noqa: E402
 VOCAB, SEQ, LR = 128, 16, 0.5
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
 EXAMPLE_FLAGS = ["--variant", "dora", "--steps", "4", "--lr", "3e-2"]
+BENCH_ARGS = ["--preset", "tiny", "--pretrain-steps", "4", "--steps", "3", "--batch-size", "4", "--max-test", "8",
+              "--max-valid", "4", "--threads", "1", "--variants", "lora"]
 
 
 def load_example():
@@ -164,7 +167,10 @@ def main() -> None:
         for variant in args.variants.split(","):
             run(mode, variant, args.steps, args.batch, args.out, accelerator)
     load_example().main([*EXAMPLE_FLAGS, "--fsdp", "--out", str(args.out / "example-fsdp.safetensors")])
-    torch.distributed.destroy_process_group()
+    from lora_lite.bench.cli import main as bench_main
+
+    rc = bench_main([*BENCH_ARGS, "--output-dir", str(args.out / "bench"), "--cache-dir", str(args.out / "cache")])
+    assert rc == 0, f"lora-lite bench exited with {rc}"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ tensors must match; training on one shard alone must not.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 
 import lora_lite as ll
 from conftest import make_tiny_qwen
-from distributed_worker import EXAMPLE_FLAGS, attach, load_example, train
+from distributed_worker import BENCH_ARGS, EXAMPLE_FLAGS, attach, load_example, train
 from lora_lite import distributed as lld
 from lora_lite.errors import DistributedError
 
@@ -97,6 +98,24 @@ def test_fsdp2_example_matches_one_process(trained, monkeypatch, capsys):
     # rounding into up to ~lr; 1 % of lr still tells a correct all-reduce from a wrong one (those differ by ~lr).
     assert_same_adapter(load_file(out_dir / "example-fsdp.safetensors"), load_file(out_dir / "example-one.safetensors"),
                         "example", rtol=1e-3, atol=3e-4)
+
+
+def test_bench_on_two_processes_matches_one_process(trained):
+    from lora_lite.bench.cli import main as bench_main
+
+    out_dir, launcher_stdout = trained
+    assert launcher_stdout.count("results: ") == 1, launcher_stdout  # only rank 0 reports
+    assert bench_main([*BENCH_ARGS, "--output-dir", str(out_dir / "bench-one"),
+                       "--cache-dir", str(out_dir / "cache")]) == 0  # on the tiny base rank 0 cached
+    two, one = (next((out_dir / d).glob("tiny-*__lora__*")) for d in ("bench", "bench-one"))
+    r2, r1 = (json.loads((d / "result.json").read_text()) for d in (two, one))
+    assert (r2["processes"], r1["processes"]) == (2, 1)
+    assert len((out_dir / "bench" / "summary.tsv").read_text().splitlines()) == 2  # header + one row, not two
+    # Token-weighted shard losses make the 2-process gradient the 1-process one, so losses and adapters agree.
+    torch.testing.assert_close(r2["train"]["losses"], r1["train"]["losses"], rtol=1e-5, atol=1e-6)
+    for name in ("adapter_init.safetensors", "adapter.safetensors"):
+        assert_same_adapter(load_file(two / name), load_file(one / name), name, rtol=1e-3, atol=1e-4)  # AdamW
+    assert r2["test"]["acc_scores"] == r1["test"]["acc_scores"] and r2["test"]["n"] == 8  # sharded scoring
 
 
 def test_shard_batch_splits_rows_and_passes_scalars():

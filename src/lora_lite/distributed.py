@@ -9,7 +9,7 @@ find_unused_parameters=False is right. The recipe, identical on every rank:
     model = load_base().to(lld.device())              # the same base weights on every rank
     ll.attach(model, cfg, calibration_data=calib)     # the same calibration batches on every rank
     lld.broadcast_adapter(model)                      # rank 0's init wins: random and data-driven inits agree
-    model = DDP(model)                                # or fully_shard(...) (FSDP2)
+    model = lld.wrap_ddp(model)                       # or fully_shard(...) (FSDP2)
     for batch in batches:                             # the global batch, identical on every rank
         loss = model(**lld.shard_batch(batch)).loss   # this rank's rows; DDP averages gradients
         ...
@@ -100,11 +100,36 @@ def main_process_first():
 
 def mean_over_ranks(value: torch.Tensor | float) -> float:
     """The mean of a scalar over all ranks (a NaN on any rank makes it NaN everywhere, so every rank sees it)."""
-    t = torch.as_tensor(value, dtype=torch.float64, device=device()).detach().clone().reshape(())
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to(torch.float64).reshape(()).clone()
+    else:
+        t = torch.tensor(float(value), dtype=torch.float64, device=device() if is_distributed() else "cpu")
     if is_distributed():
         dist.all_reduce(t)
         t /= world_size()
     return t.item()
+
+
+def global_token_mean(loss: torch.Tensor, n_tokens: torch.Tensor | int) -> torch.Tensor:
+    """Rescale this rank's per-token mean `loss` (over its `n_tokens` label tokens) so that DDP's average of the
+    ranks' gradients is the gradient of the per-token mean over every rank's tokens, as one process would compute
+    it on the whole batch. Without it, shards with more padding weigh their tokens more. Identity in one process."""
+    if not is_distributed():
+        return loss
+    n_local = torch.as_tensor(n_tokens, dtype=torch.float64, device=loss.device).detach().clone()
+    n_total = n_local.clone()
+    dist.all_reduce(n_total)
+    return loss * (n_local * world_size() / n_total).to(loss.dtype)
+
+
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    """DDP(model) on this rank's device when a process group is up; the model itself otherwise."""
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(model.parameters()).device
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 def shard_list(items: list) -> list:
