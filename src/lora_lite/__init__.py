@@ -13,6 +13,7 @@ from .errors import (
                      CheckpointError,
                      ConfigError,
                      ConversionError,
+                     DistributedError,
                      LoraLiteError,
                      TargetError,
                      UnknownVariantError,
@@ -52,5 +53,5 @@ __all__ = [
     "EVAConfig", "LoRAXSConfig", "AntiPaSTOConfig", "AntiPaSTOGainConfig", "AntiPaSTOAblateConfig",
     "AntiPaSTOCorDAConfig", "AntiPaSTOASVDConfig", "AntiPaSTODPLRConfig",
     "LoraLiteError", "ConfigError", "UnknownVariantError", "TargetError", "UnsupportedLayerError", "CalibrationError",
-    "AttachStateError", "CheckpointError", "ConversionError",
+    "AttachStateError", "CheckpointError", "ConversionError", "DistributedError",
 ]

@@ -43,3 +43,7 @@ class CheckpointError(LoraLiteError, ValueError):
 
 class ConversionError(LoraLiteError, ValueError):
     """merge / export_peft / import_peft cannot represent this adapter exactly in the requested form."""
+
+
+class DistributedError(LoraLiteError, RuntimeError):
+    """Ranks disagree (different adapters attached), a batch cannot be sharded evenly, or a launcher env is incomplete."""

@@ -42,15 +42,20 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     if state is None:
         raise AttachStateError("save() found no adapter on this model; attach or load one first")
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"save() target {str(path)!r} is a directory; pass a file path such as "
-                              f"{str(path / 'adapter.safetensors')!r}")
     tensors = {}
     for name, layer in state.layers.items():
         for tname in layer._lora_tensor_names:
             tensors[f"{name}.{tname}"] = getattr(layer, tname).detach().to("cpu").contiguous()
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": state.cfg.to_json(),
-                "targets": json.dumps(list(state.layers))}
+    return write_adapter(path, state.cfg, list(state.layers), tensors)
+
+
+def write_adapter(path: Path, cfg: AdapterConfig, targets: list[str], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write adapter tensors (CPU, keyed `<module>.<lora_name>`) with their config and target names, atomically."""
+    if path.is_dir():
+        raise CheckpointError(f"save() target {str(path)!r} is a directory; pass a file path such as "
+                              f"{str(path / 'adapter.safetensors')!r}")
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
+                "targets": json.dumps(targets)}
     try:
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=metadata)

@@ -5,16 +5,20 @@
     lora-lite bench --variants lora dora --lr-sweep   # pick each variant's lr on valid, report test there
     lora-lite bench --preset qwen --device cuda       # the prototype's real run (GPU)
     lora-lite bench --mode probe --variants lora      # quick train / perturb / save / reload proof
+    torchrun --nproc_per_node 2 -m lora_lite.cli bench --variants lora   # DDP: each rank trains on a shard of
+                                                      # every batch and scores a slice of each eval set; rank 0 writes
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 from pathlib import Path
 
+from .. import distributed as lld
 from ..errors import ConfigError, LoraLiteError
 from .presets import PRESETS, lr_grid, parse_knobs, variant_settings
 from .train import Interrupted, StopFlag
@@ -82,14 +86,21 @@ def preset_from_args(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    lld.init_from_env()  # under torchrun / accelerate launch; a no-op in one process
+    quiet = contextlib.nullcontext() if lld.is_main_process() else contextlib.redirect_stdout(open(os.devnull, "w"))
     try:
-        return _main(args)
+        with quiet:  # rank 0 reports for everyone
+            return _main(args)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
     except LoraLiteError as e:
         print(f"lora-lite bench: {e}", file=sys.stderr)
         return 1
+    finally:
+        if lld.is_distributed():
+            import torch.distributed as dist
+            dist.destroy_process_group()
 
 
 def _main(args) -> int:
@@ -106,7 +117,13 @@ def _main(args) -> int:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda but CUDA is not available; pass --device cpu")
+    if args.device == "cuda" and lld.is_distributed():
+        args.device = str(lld.device())  # one GPU per rank: cuda:LOCAL_RANK
     preset = preset_from_args(args)
+    if lld.world_size() > 1 and (args.mode == "probe" or preset.batch_size % lld.world_size()):
+        raise ConfigError(f"{lld.world_size()} processes need --mode benchmark and a --batch-size divisible by "
+                          f"{lld.world_size()} (each rank trains on a shard of every micro-batch); got --mode "
+                          f"{args.mode}, batch size {preset.batch_size}")
     variants = args.variants or sorted(ll.REGISTRY)
     unknown = [v for v in variants if v not in ll.REGISTRY]
     if unknown:
@@ -128,6 +145,8 @@ def _main(args) -> int:
     finally:
         import signal
         signal.signal(signal.SIGINT, previous)
+    if not lld.is_main_process():
+        return 0
     title = f"{preset.name}: {bench.model_tag}, {preset.steps} steps x {preset.batch_size * preset.grad_accum}"
     table, png = write_report(opt.output_dir, base, runs, preset.metric, title)
     print("\n" + table)

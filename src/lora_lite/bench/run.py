@@ -17,6 +17,7 @@ import torch
 
 import lora_lite as ll
 
+from .. import distributed as lld
 from ..errors import ConfigError, LoraLiteError
 from ..io import atomic_write_bytes
 from . import evaluate as ev
@@ -54,7 +55,8 @@ class Bench:
         if p.model == "tiny":
             from . import tiny
             spec = tiny.TinySpec(**({"pretrain_steps": self.opt.pretrain_steps} if self.opt.pretrain_steps else {}))
-            model, tok = tiny.pretrained_base(spec, self.opt.cache_dir, log=self.log)
+            with lld.main_process_first():  # rank 0 pre-trains and caches the base; the others load the cache
+                model, tok = tiny.pretrained_base(spec, self.opt.cache_dir, log=self.log)
             return model.to(self.opt.device), tok, f"tiny-{spec.key()}"
         from transformers import AutoModelForCausalLM, AutoTokenizer
         dtype = getattr(torch, p.dtype)
@@ -113,12 +115,18 @@ class Bench:
 
     # ---- scoring -------------------------------------------------------------------------------------------
     def score(self, model, rows) -> dict:
+        """Per-item scores in `rows` order. Under several processes each rank scores a contiguous slice and
+        every rank gets all scores back."""
         p = self.p
-        em = ev.exact_match(model, self.tok, rows, p.max_new_tokens, p.batch_size_eval)
-        out = {"acc": em["acc"], "acc_scores": em["scores"], "n": em["n"], "examples": em["examples"]}
+        mine = lld.shard_list(rows)
+        em = ev.exact_match(model, self.tok, mine, p.max_new_tokens, p.batch_size_eval)
+        scores = lld.gather_list(em["scores"])
+        out = {"acc": 100.0 * sum(scores) / max(len(scores), 1), "acc_scores": scores, "n": len(scores),
+               "examples": lld.gather_list(em["examples"])[:3]}
         if p.metric == "nll":
-            nll = ev.answer_nll(model, self.tok, rows, format_example, p.max_seq_length, p.batch_size_eval)
-            out.update(nll=nll["nll"], nll_scores=nll["scores"])
+            nll = ev.answer_nll(model, self.tok, mine, format_example, p.max_seq_length, p.batch_size_eval)
+            nll_scores = lld.gather_list(nll["scores"])
+            out.update(nll=sum(nll_scores) / len(nll_scores), nll_scores=nll_scores)
         return out
 
     def forgetting(self, model) -> float:
@@ -134,7 +142,8 @@ class Bench:
                   "valid": self.score(self.model, self.valid_rows), "test": self.score(self.model, self.test_rows),
                   "trainable_params": 0, "forgetting": 0.0, "base_forget_nll": self.base_forget_nll,
                   "wall_time_s": time.perf_counter() - start, "status": "ok"}
-        atomic_write_bytes(path, json.dumps(result, indent=1).encode())
+        if lld.is_main_process():
+            atomic_write_bytes(path, json.dumps(result, indent=1).encode())
         return result
 
     # ---- one run -------------------------------------------------------------------------------------------
@@ -158,8 +167,9 @@ class Bench:
                                   "a flag changed). Pass --overwrite to redo it, or use another --output-dir")
             self.log(f"{run_dir.name}: finished earlier, reusing {done}")
             return previous
-        if self.opt.overwrite and run_dir.exists():
+        if self.opt.overwrite and run_dir.exists() and lld.is_main_process():
             shutil.rmtree(run_dir)
+        lld.barrier()  # only rank 0 writes into run_dir; the others read what it wrote (init, checkpoints)
         run_dir.mkdir(parents=True, exist_ok=True)
         wall = time.perf_counter()
         batches = self.train_batches(seed)
@@ -185,7 +195,8 @@ class Bench:
             result["train"] = train(model, batches, settings, run_dir, start_step, stop=stop, on_step=on_step)
         except DivergedError as e:
             result.update(status="diverged", error=str(e), wall_time_s=time.perf_counter() - wall)
-            atomic_write_bytes(done, json.dumps(result, indent=1).encode())
+            if lld.is_main_process():
+                atomic_write_bytes(done, json.dumps(result, indent=1).encode())
             self.log(f"{run_dir.name}: {e}")
             return result
         result["adapter_delta"] = adapter_delta(model, run_dir / "adapter_init.safetensors")
@@ -193,12 +204,14 @@ class Bench:
         result["valid"] = self.score(model, self.valid_rows)
         result["test"] = self.score(model, self.test_rows)
         result["forgetting"] = self.forgetting(model)
-        ll.save(model, run_dir / "adapter.safetensors")
         result.update(status="ok", wall_time_s=time.perf_counter() - wall,
-                      time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        atomic_write_bytes(done, json.dumps(result, indent=1).encode())
-        append_summary(self.opt.output_dir, result, p.metric)
-        shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+                      time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), processes=lld.world_size())
+        if lld.is_main_process():
+            ll.save(model, run_dir / "adapter.safetensors")
+            atomic_write_bytes(done, json.dumps(result, indent=1).encode())
+            append_summary(self.opt.output_dir, result, p.metric)
+            shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+        lld.barrier()
         return result
 
 

@@ -9,6 +9,7 @@ lr is a pure function of the step, so a resumed run ends with the same adapter a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -23,6 +24,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import lora_lite as ll
 
+from .. import distributed as lld
 from ..errors import LoraLiteError
 from ..io import atomic_write_bytes
 
@@ -91,8 +93,10 @@ def attach_or_resume(model, cfg, run_dir: Path, calibration_data, log=print) -> 
     """Attach a fresh adapter (step 0), or load the latest checkpoint in run_dir; returns the start step."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
-        ll.attach(model, cfg, calibration_data=calibration_data)
-        ll.save(model, Path(run_dir) / "adapter_init.safetensors")
+        ll.attach(model, cfg, calibration_data=calibration_data)  # the same calibration batches on every rank
+        lld.broadcast_adapter(model)  # ...and rank 0's result, bit for bit, under torchrun / accelerate
+        if lld.is_main_process():
+            ll.save(model, Path(run_dir) / "adapter_init.safetensors")
         return 0
     ll.load(model, ckpt / "adapter.safetensors")
     step = json.loads((ckpt / "state.json").read_text())["step"]
@@ -147,19 +151,27 @@ def train(model, batches: list[dict], s: TrainSettings, run_dir: Path, start_ste
     stop = stop or StopFlag()
     first_grad_norm, start = None, time.perf_counter()
     model.train()
+    # Several processes: DDP averages the gradients; every rank takes its shard of each micro-batch.
+    forward = lld.wrap_ddp(model)
     bar = tqdm(range(start_step, s.steps), initial=start_step, total=s.steps, desc="train", unit="step",
-               mininterval=2.0, leave=False)
+               mininterval=2.0, leave=False, disable=not lld.is_main_process())
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = s.lr * cosine_factor(step, s.steps)
         opt.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for b in batches[step * s.grad_accum:(step + 1) * s.grad_accum]:
-            loss = model(**{k: v.to(device) for k, v in b.items()}).loss
-            if not torch.isfinite(loss):
-                _diverged(run_dir, step, f"loss is {loss.item()}", s.lr)
-            (loss / s.grad_accum).backward()
-            step_loss += loss.item() / s.grad_accum
+        micro = batches[step * s.grad_accum:(step + 1) * s.grad_accum]
+        for i, b in enumerate(micro):
+            b = {k: v.to(device) for k, v in lld.shard_batch(b).items()}
+            loss = lld.global_token_mean(forward(**b).loss, (b["labels"][:, 1:] != -100).sum())
+            loss_value = lld.mean_over_ranks(loss)  # the whole micro-batch's loss; NaN on any rank reaches all
+            if not math.isfinite(loss_value):
+                _diverged(run_dir, step, f"loss is {loss_value}", s.lr)
+            # DDP all-reduces once per optimizer step, on the last micro-batch's backward.
+            sync = contextlib.nullcontext() if forward is model or i == len(micro) - 1 else forward.no_sync()
+            with sync:
+                (loss / s.grad_accum).backward()
+            step_loss += loss_value / s.grad_accum
         grad_norm = sum(p.grad.norm().item() for p in params if p.grad is not None)
         if first_grad_norm is None:
             first_grad_norm = grad_norm
@@ -172,10 +184,13 @@ def train(model, batches: list[dict], s: TrainSettings, run_dir: Path, start_ste
         done = step + 1
         if on_step is not None:
             on_step(done, stop)
-        if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+        if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps and lld.is_main_process():
             save_checkpoint(model, opt, run_dir, done, losses)
-        if stop.is_set and done < s.steps:
-            path = save_checkpoint(model, opt, run_dir, done, losses)
+        if lld.mean_over_ranks(float(stop.is_set)) > 0 and done < s.steps:  # every rank stops at the same step
+            if lld.is_main_process():
+                save_checkpoint(model, opt, run_dir, done, losses)
+            lld.barrier()
+            path = latest_checkpoint(run_dir)
             raise Interrupted(f"stopped at step {done}/{s.steps}; checkpoint {path}. Rerun the same command "
                               "(same output dir) to resume")
     bar.close()
