@@ -37,7 +37,8 @@ from .measure import (
 
 PRESETS = {"anchor": ModelShape(), "qwen3-0.6b": QWEN3_0_6B}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXTRA_ROWS = ("pissa:svd=lowrank",)
+# pissa defaults to the randomized SVD; the exact one is the other row PEFT has (init_lora_weights="pissa").
+EXTRA_ROWS = ("pissa:svd=full",)
 
 
 def default_variants() -> list[str]:
