@@ -14,6 +14,7 @@ import torch
 
 from .config import AdapterConfig
 from .errors import ConfigError
+from .variant import check_rank
 
 SVD_METHODS = ("full", "lowrank")
 DEFAULT_SVD = "lowrank"
@@ -26,7 +27,7 @@ class SVDInitConfig(AdapterConfig):
 
     svd    "full" (exact) or "lowrank" (torch.svd_lowrank, faster on large layers; see docs/svd.md).
     niter  power iterations of "lowrank"; more is slower and closer to "full". Unused by "full".
-    Variants check both with check_svd_options in their `check`, before the model is touched.
+    Variants check both with check_svd_options (or check_svd_init) in their `check`, before the model is touched.
     """
 
     svd: str = DEFAULT_SVD
@@ -39,6 +40,12 @@ def check_svd_options(cfg) -> None:
         raise ConfigError(f"{cfg.variant}: svd={cfg.svd!r} is not one of {SVD_METHODS}")
     if cfg.niter < 0:
         raise ConfigError(f"{cfg.variant}: niter={cfg.niter} must be >= 0 (power iterations of svd='lowrank')")
+
+
+def check_svd_init(d_in, d_out, cfg) -> None:
+    """The `check` of a variant that keeps a top-r SVD of W: valid svd/niter and r <= min(d_in, d_out)."""
+    check_svd_options(cfg)
+    check_rank(d_in, d_out, cfg)
 
 
 @torch.no_grad()

@@ -112,6 +112,7 @@ def register(cls: type) -> type:
 
 def check_rank(d_in: int, d_out: int, cfg: Any) -> None:
     """Shared check for variants whose r indexes a low-rank factor of a (d_out, d_in) weight."""
-    if cfg.r > min(d_in, d_out):
-        raise ConfigError(f"{cfg.variant}: r={cfg.r} exceeds min(d_in, d_out)={min(d_in, d_out)} of a "
-                          f"{d_in}->{d_out} layer; lower r or exclude that layer")
+    fits = min(d_in, d_out)
+    if cfg.r > fits:
+        raise ConfigError(f"{cfg.variant}: r={cfg.r} exceeds min(d_in, d_out)={fits} of a {d_in}->{d_out} layer; "
+                          f"pass r<={fits}, or exclude that layer with exclude_names / target_names")

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
-from ..svd import SVDInitConfig, check_svd_options, top_r_svd
+from ..svd import SVDInitConfig, top_r_svd
 from ..variant import ParamSpec
 
 
@@ -35,14 +34,6 @@ class GainConfig(SVDBasisConfig):
 
     suppress_only: bool = False
     coeff: float = 1.0
-
-
-def check_basis(d_in, d_out, cfg):
-    check_svd_options(cfg)
-    fits = min(d_in, d_out)
-    if cfg.r > fits:
-        raise ConfigError(f"{cfg.variant}: r={cfg.r} exceeds min(d_in, d_out)={fits} of a {d_in}->{d_out} layer; "
-                          f"pass r<={fits}, or exclude that layer with exclude_names / target_names")
 
 
 def basis_specs(d_in, d_out, r, input_name="lora_Vh"):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..svd import check_svd_init
 from ..variant import ParamSpec, register
 from . import _svd_basis as basis
 
@@ -80,7 +81,7 @@ class AntiPaSTO:
                               "pick r as a multiple of block_size")
         if not 0 < cfg.max_rotation_angle < math.pi:
             raise ConfigError(f"antipasto: max_rotation_angle={cfg.max_rotation_angle} must lie in (0, pi)")
-        basis.check_basis(d_in, d_out, cfg)
+        check_svd_init(d_in, d_out, cfg)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from ..svd import check_svd_init
 from ..variant import ParamSpec, register
 from . import _svd_basis as basis
 
@@ -72,7 +73,7 @@ class AntiPaSTOAblate:
             raise ConfigError(f"antipasto_ablate: k={cfg.k!r} must be an int in [1, r={cfg.r}]")
         if not 0 < cfg.init_alpha < 1:
             raise ConfigError(f"antipasto_ablate: init_alpha={cfg.init_alpha!r} must lie in (0, 1) (it is a sigmoid)")
-        basis.check_basis(d_in, d_out, cfg)
+        check_svd_init(d_in, d_out, cfg)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

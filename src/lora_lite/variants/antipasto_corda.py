@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration import input_moments
-from ..svd import top_r_svd
+from ..svd import check_svd_init, top_r_svd
 from ..variant import ParamSpec, register
 from . import _svd_basis as basis
 
@@ -60,7 +60,7 @@ class AntiPaSTOCorDA:
     needs_dense_weight = True
     requires_calibration = True
 
-    check = staticmethod(basis.check_basis)
+    check = staticmethod(check_svd_init)
     added_macs = staticmethod(basis.basis_macs)
 
     @staticmethod

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..svd import check_svd_init
 from ..variant import ParamSpec, register
 from . import _svd_basis as basis
 
@@ -46,7 +47,7 @@ class AntiPaSTODPLR:
     def check(d_in, d_out, cfg):
         if not isinstance(cfg.core_rank, int) or not 1 <= cfg.core_rank <= cfg.r:
             raise ConfigError(f"antipasto_dplr: core_rank={cfg.core_rank!r} must be an int in [1, r={cfg.r}]")
-        basis.check_basis(d_in, d_out, cfg)
+        check_svd_init(d_in, d_out, cfg)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

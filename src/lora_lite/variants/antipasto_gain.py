@@ -14,6 +14,7 @@ Needs a dense nn.Linear (W is rewritten through `base_delta`). Trainable params 
 
 from dataclasses import dataclass
 
+from ..svd import check_svd_init
 from ..variant import ParamSpec, register
 from . import _svd_basis as basis
 
@@ -29,7 +30,7 @@ class AntiPaSTOGain:
     config = AntiPaSTOGainConfig
     needs_dense_weight = True
 
-    check = staticmethod(basis.check_basis)
+    check = staticmethod(check_svd_init)
     init = staticmethod(basis.init_basis)
     base_delta = staticmethod(basis.basis_delta)
     added_macs = staticmethod(basis.basis_macs)

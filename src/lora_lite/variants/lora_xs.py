@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..svd import SVDInitConfig, check_svd_options, top_r_svd
-from ..variant import ParamSpec, check_rank, register
+from ..svd import SVDInitConfig, check_svd_init, top_r_svd
+from ..variant import ParamSpec, register
 
 
 @dataclass
@@ -41,10 +41,7 @@ class LoRAXS:
     config = LoRAXSConfig
     needs_dense_weight = True
 
-    @staticmethod
-    def check(d_in, d_out, cfg):
-        check_rank(d_in, d_out, cfg)
-        check_svd_options(cfg)
+    check = staticmethod(check_svd_init)
 
     @staticmethod
     def added_macs(d_in, d_out, cfg):

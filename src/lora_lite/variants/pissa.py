@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..svd import SVDInitConfig, check_svd_options, top_r_svd
-from ..variant import ParamSpec, check_rank, register
+from ..svd import SVDInitConfig, check_svd_init, top_r_svd
+from ..variant import ParamSpec, register
 from .lora import LoRA
 
 
@@ -37,10 +37,7 @@ class PiSSA:
     delta_weight = staticmethod(LoRA.delta_weight)
     added_macs = staticmethod(LoRA.added_macs)
 
-    @staticmethod
-    def check(d_in, d_out, cfg):
-        check_rank(d_in, d_out, cfg)
-        check_svd_options(cfg)
+    check = staticmethod(check_svd_init)
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
