@@ -6,6 +6,8 @@ import multiprocessing as mp
 
 import pytest
 
+import lora_lite as ll
+
 pytest.importorskip("transformers")
 
 from conftest import require_asset  # noqa: E402
@@ -88,12 +90,14 @@ def test_variant_table_and_fallback_for_unregistered_rows():
     assert pissa.cfg.r == 32 and pissa.cfg.alpha == 32
     ia3 = presets.variant_settings("ia3", presets.PRESETS["qwen"])
     assert ia3.cfg.target_names == (r"(k_proj|v_proj)$",) and ia3.lr == 5e-3
-    row = presets.VARIANT_DEFAULTS.pop("dora")
+    dora_method = ll.REGISTRY["dora"]
+    row = dora_method.bench
+    del dora_method.bench
     try:
         dora = presets.variant_settings("dora", tiny)
     finally:
-        presets.VARIANT_DEFAULTS["dora"] = row
-    assert dora.lr == presets.VARIANT_DEFAULTS["lora"]["lr"]["tiny"] and "no row" in dora.notes[0]
+        dora_method.bench = row
+    assert dora.lr == ll.REGISTRY["lora"].bench["lr"]["tiny"] and "registers no benchmark defaults" in dora.notes[0]
     with pytest.raises(ConfigError, match="unknown config fields"):
         presets.variant_settings("lora", tiny, knobs={"lambda0": 1.0})
     assert presets.parse_knobs(["lambda0=0.1", "group_size=32"], "delora") == {"lambda0": 0.1}

@@ -96,7 +96,7 @@ def _bench(out, cache, steps=6, checkpoint_every=0):
 
 
 def _adapter(run_dir):
-    return ll.io.read_adapter_file(run_dir / "adapter.safetensors")[2]
+    return ll.io.read_adapter_file(run_dir / "adapter.safetensors")["default"][2]
 
 
 @pytest.mark.parametrize("variant", ["lora", "pissa"])
@@ -141,7 +141,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert result["status"] == "diverged" and "diverged at step 2: loss is nan" in result["error"]
     ckpt = latest_checkpoint(tmp_path / result["run_id"])
     assert ckpt.name == "step-000002"
-    tensors = ll.io.read_adapter_file(ckpt / "adapter.safetensors")[2]
+    tensors = ll.io.read_adapter_file(ckpt / "adapter.safetensors")["default"][2]
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 

@@ -1,9 +1,9 @@
 """Presets (where model and data come from, how long to train) and the per-variant defaults table.
 
-VARIANT_DEFAULTS is the one place a variant's benchmark settings live: its learning rate per preset, r,
-alpha (a number, or "r" for alpha = r) and, when they differ from the preset's, its targets and config knobs.
-A registered variant with no row still runs: it gets its config class's r/alpha/targets and LoRA's lr,
-and `variant_settings` says so. Presets cap r at `max_r` for their small models, scaling alpha to keep
+A method's benchmark settings live in its registration (`bench` in its file; lora_lite.variant): its learning
+rate per preset, r, alpha (a number, or "r" for alpha = r) and, when they differ from the preset's, its targets
+and config knobs. A registered method with no `bench` still runs: it gets its config class's r/alpha/targets
+and LoRA's lr, and `variant_settings` says so. Presets cap r at `max_r` for their small models, scaling alpha to keep
 alpha/r.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..config import ALL_LINEAR, AdapterConfig, config_class
 from ..errors import ConfigError
 from ..shared_data import gsm8k_file, stories260k_dir
+from ..variant import variant_named
 
 
 @dataclass(frozen=True)
@@ -58,29 +59,9 @@ PRESETS = {
                    checkpoint_every=250),
 }
 
-_BASE = {"r": 32, "alpha": 64.0}
-VARIANT_DEFAULTS: dict[str, dict] = {
-    "lora":   {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
-    "pissa":  {**_BASE, "alpha": "r", "lr": {"qwen": 1e-4, "stories": 1e-3, "tiny": 3e-3}},
-    "dora":   {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
-    "delora": {**_BASE, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}},
-    "ia3":    {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 2e-1}, "targets": (r"(k_proj|v_proj)$",)},
-    "ia3_ff": {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 5e-2}, "targets": (r"down_proj$",)},
-    "hra":    {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
-    "road":   {**_BASE, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}, "knobs": {"group_size": 64}},
-    "eva":    {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
-    "lora_xs": {**_BASE, "alpha": "r", "lr": {"qwen": 4e-3, "stories": 1e-2, "tiny": 3e-2}},
-    "antipasto*": {"r": 256, "alpha": 256.0, "lr": {"qwen": 5e-3, "stories": 1e-2, "tiny": 3e-2}},
-}
-
-
 def defaults_row(variant: str) -> dict | None:
-    if variant in VARIANT_DEFAULTS:
-        return VARIANT_DEFAULTS[variant]
-    for key, row in VARIANT_DEFAULTS.items():
-        if key.endswith("*") and variant.startswith(key[:-1]):
-            return row
-    return None
+    """The method's benchmark defaults, as registered in its own file (`bench = {...}`); None if it has none."""
+    return getattr(variant_named(variant), "bench", None)
 
 
 @dataclass
@@ -88,7 +69,7 @@ class VariantSettings:
     cfg: AdapterConfig
     lr: float
     default_lr: float
-    default_r: int
+    default_r: int | None
     notes: list[str]
 
 
@@ -100,19 +81,28 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
     fields = {f.name: f for f in dataclasses.fields(cls)}
     row, notes = defaults_row(variant), []
     if row is None:
-        row = {"r": fields["r"].default, "alpha": fields["alpha"].default, "lr": VARIANT_DEFAULTS["lora"]["lr"]}
-        notes.append(f"{variant} has no row in VARIANT_DEFAULTS: using {cls.__name__}'s r={row['r']}, "
-                     f"alpha={row['alpha']} and LoRA's lr for preset {preset.name!r}")
+        row = {"lr": defaults_row("lora")["lr"]}
+        notes.append(f"{variant} registers no benchmark defaults: using {cls.__name__}'s defaults and LoRA's lr "
+                     f"for preset {preset.name!r}")
     default_lr = row["lr"][preset.name] if preset.name in row["lr"] else row["lr"]["qwen"]
-    table_r = row["r"]
-    default_r = min(table_r, preset.max_r) if preset.max_r else table_r
-    use_r = r if r is not None else default_r
-    if alpha is None:
-        alpha = float(use_r) if row["alpha"] == "r" else float(row["alpha"]) * use_r / table_r
     class_targets = fields["target_names"].default
     if targets is None:
         targets = row.get("targets") or (class_targets if class_targets not in (ALL_LINEAR, ()) else preset.targets)
-    kwargs = {"r": use_r, "alpha": alpha, "target_names": tuple(targets), **row.get("knobs", {}), **(knobs or {})}
+    kwargs = {"target_names": tuple(targets), **row.get("knobs", {}), **(knobs or {})}
+    default_r = None
+    if "r" in fields:
+        table_r = row.get("r", fields["r"].default)
+        default_r = min(table_r, preset.max_r) if preset.max_r else table_r
+        kwargs["r"] = r if r is not None else default_r
+        if "alpha" in fields and alpha is None:
+            table_alpha = row.get("alpha", fields["alpha"].default)
+            alpha = float(kwargs["r"]) if table_alpha in ("r", None) else float(table_alpha) * kwargs["r"] / table_r
+    elif r is not None:
+        notes.append(f"{variant} has no rank: --r does not apply to it")
+    if "alpha" in fields:
+        kwargs["alpha"] = alpha
+    elif alpha is not None:
+        notes.append(f"{variant} has no alpha: --alpha does not apply to it")
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
         raise ConfigError(f"{variant}: unknown config fields {unknown} (from --set or the defaults table); "

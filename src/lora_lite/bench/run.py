@@ -149,7 +149,7 @@ class Bench:
     # ---- one run -------------------------------------------------------------------------------------------
     def run_id(self, vs: VariantSettings, seed: int) -> str:
         rid = f"{self.model_tag}__{vs.cfg.variant}__s{self.p.steps}__seed{seed}"
-        if vs.cfg.r != vs.default_r:
+        if getattr(vs.cfg, "r", None) != vs.default_r:
             rid += f"__r{vs.cfg.r}"
         if vs.lr != vs.default_lr:
             rid += f"__lr{vs.lr:g}"
@@ -186,7 +186,8 @@ class Bench:
         settings = TrainSettings(steps=p.steps, lr=vs.lr, grad_accum=p.grad_accum,
                                  checkpoint_every=p.checkpoint_every)
         result = {"run_id": run_dir.name, "variant": cfg.variant, "preset": p.name, "model": p.model, "seed": seed,
-                  "lr": vs.lr, "default_lr": vs.default_lr, "r": cfg.r, "alpha": cfg.alpha, "config": cfg.to_dict(),
+                  "lr": vs.lr, "default_lr": vs.default_lr, "r": getattr(cfg, "r", None),
+                  "alpha": getattr(cfg, "alpha", None), "config": cfg.to_dict(),
                   "targets": list(ll.runtime.adapter_layers(model)), "trainable_params": n_trainable,
                   "calibration_batches": len(calibration or []), "notes": vs.notes, "preset_settings": _jsonable(p),
                   "train_examples": p.steps * p.grad_accum * p.batch_size, "commit": git_commit(),
@@ -217,11 +218,11 @@ class Bench:
 
 def adapter_delta(model, init_path: Path) -> float:
     """Sum over adapter tensors of ||after - init||: zero means training changed nothing."""
-    _, _, init = ll.io.read_adapter_file(init_path)
+    (_, _, init), = ll.io.read_adapter_file(init_path).values()
     total = 0.0
-    for name, layer in ll.runtime.adapter_layers(model).items():
-        for tname in layer._lora_tensor_names:
-            total += (getattr(layer, tname).detach().cpu().float() - init[f"{name}.{tname}"].float()).norm().item()
+    for name, a in ll.runtime.adapter_layers(model).items():
+        for tname in a.tensor_names:
+            total += (getattr(a, tname).detach().cpu().float() - init[f"{name}.{tname}"].float()).norm().item()
     return total
 
 

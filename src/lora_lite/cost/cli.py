@@ -52,8 +52,10 @@ def parse_variant(spec: str, r: int, alpha: float | None, targets: tuple[str, ..
     name, _, rest = spec.partition(":")
     cls = config_class(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict = {"r": r, "target_names": targets}
-    if alpha is not None:
+    kwargs: dict = {"target_names": targets}
+    if "r" in fields:  # methods without a rank (IA3, RoAd) have their own size
+        kwargs["r"] = r
+    if alpha is not None and "alpha" in fields:
         kwargs["alpha"] = alpha
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
