@@ -13,12 +13,9 @@ import lora_lite as ll
 from conftest import fresh_model
 from variant_cases import attach_case
 
-# Variants whose change against the original W is exactly low-rank (they define lora_factors), and the rank
-# of their export when it is not the config's r.
-EXPORT_RANK = {"pissa": lambda cfg: 2 * cfg.r, "antipasto_ablate": lambda cfg: cfg.k}
-
 
 def exportable(name: str) -> bool:
+    """Its change against the original W is exactly low-rank: it defines lora_factors."""
     return hasattr(ll.REGISTRY[name], "lora_factors")
 
 

@@ -18,10 +18,10 @@ from lora_lite.variants import _svd_basis as basis
 from lora_lite.variants.antipasto import block_rotations
 from lora_lite.variants.antipasto_ablate import core as ablate_core
 from toy_models import ToyModel
+from variant_cases import CASES
 
 QK = (r"self_attn\.[qk]_proj$",)
-DATA_VARIANTS = {"eva": ll.EVAConfig, "antipasto_corda": ll.AntiPaSTOCorDAConfig,
-                 "antipasto_asvd": ll.AntiPaSTOASVDConfig}
+DATA_VARIANTS = {n: m.config for n, m in ll.REGISTRY.items() if getattr(m, "requires_calibration", False)}
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +217,7 @@ def test_blockwise_rotation_equals_dense_block_diagonal(rotate_basis):
 
 # ---- gain family ------------------------------------------------------------------------------------------
 
-GAIN_VARIANTS = {"antipasto_gain": ll.AntiPaSTOGainConfig, "antipasto_dplr": ll.AntiPaSTODPLRConfig,
-                 "antipasto_corda": ll.AntiPaSTOCorDAConfig, "antipasto_asvd": ll.AntiPaSTOASVDConfig}
+GAIN_VARIANTS = {n: m.config for n, m in ll.REGISTRY.items() if issubclass(m.config, basis.GainConfig)}
 
 
 @pytest.mark.parametrize("variant", sorted(GAIN_VARIANTS))
@@ -333,14 +332,12 @@ def test_eva_is_hook_only_and_runs_on_linear_like_layers():
     torch.testing.assert_close(model(data[0]), base, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("make_cfg", [ll.LoRAXSConfig, ll.AntiPaSTOConfig, ll.AntiPaSTOGainConfig,
-                                      ll.AntiPaSTOAblateConfig, ll.AntiPaSTODPLRConfig, ll.AntiPaSTOCorDAConfig,
-                                      ll.AntiPaSTOASVDConfig], ids=lambda c: c.variant)
-def test_weight_reading_variants_reject_linear_like_layers(make_cfg):
+@pytest.mark.parametrize("name", sorted(n for n, m in ll.REGISTRY.items() if getattr(m, "needs_dense_weight", False)))
+def test_weight_reading_variants_reject_linear_like_layers(name):
     model = ToyModel()
     snap = snapshot(model)
     with pytest.raises(ll.UnsupportedLayerError, match=r"LinearLike.*plain float nn.Linear"):
-        ll.attach(model, make_cfg(r=4), calibration_data=[torch.randn(2, 8, 16)])
+        ll.attach(model, CASES[name].config("toy"), calibration_data=[torch.randn(2, 8, 16)])
     assert_untouched(model, snap)
 
 
