@@ -47,7 +47,7 @@ def test_add_weighted_is_exactly_the_weighted_sum(how):
     ll.set_active(model, [])
     reference = fresh_model("qwen")
     with torch.no_grad():
-        for lname, a in adapter_layers(model, "ab").items():
+        for lname in adapter_layers(model, "ab"):
             reference.get_submodule(lname).weight += weighted_delta(model, weights, lname)
     assert rel_err(combined, logits(reference, x)) <= 1e-5
 
