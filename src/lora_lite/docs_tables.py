@@ -39,8 +39,6 @@ def method_table() -> str:
 
 
 def with_table(text: str) -> str:
-    if START not in text or END not in text:
-        raise ValueError(f"README.md needs the markers {START!r} and {END!r} around the method table")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{method_table()}\n{END}{tail}"
@@ -48,7 +46,11 @@ def with_table(text: str) -> str:
 
 def main() -> int:
     readme = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("README.md")
-    readme.write_text(with_table(readme.read_text()))
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"{readme} needs the markers {START!r} and {END!r} around the method table", file=sys.stderr)
+        return 1
+    readme.write_text(with_table(text))
     print(f"{readme}: method table rewritten ({len(REGISTRY)} methods)")
     return 0
 
