@@ -175,6 +175,29 @@ def test_item5_load_racing_an_atomic_resave_reads_one_file_whole(alpha_b, tmp_pa
     assert torch.equal(logits(model), logits(expected))
 
 
+def test_a_file_truncated_in_place_during_the_load_is_refused(tmp_path, monkeypatch):
+    """An in-place overwrite (`cp` truncates first) racing the load cannot be made consistent: it is refused."""
+    path = ll.save(trained("lora"), tmp_path / "a.safetensors")
+    header_len = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    real_read_header = ll.validate.read_header
+
+    def then_truncate(*args, **kwargs):
+        out = real_read_header(*args, **kwargs)
+        os.truncate(path, header_len)
+        return out
+
+    monkeypatch.setattr(ll.validate, "read_header", then_truncate)
+    model = fresh_model("qwen")
+    refused(model, lambda: ll.load(model, path), match="truncated while it was being read")
+
+
+def test_big_endian_hosts_are_refused_rather_than_misread(tmp_path, monkeypatch):
+    path = ll.save(trained("lora"), tmp_path / "a.safetensors")
+    monkeypatch.setattr("sys.byteorder", "big")
+    model = fresh_model("qwen")
+    refused(model, lambda: ll.load(model, path), match="little-endian")
+
+
 # ---- item 6: one layer under two names
 
 def test_item6_a_file_naming_a_layer_also_through_hf_base_model_is_refused(tmp_path):
