@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from .errors import ConfigError, UnknownVariantError
+from .patterns import check_pattern
 from .typecheck import check_field, short_repr
 
 ALL_LINEAR = "all-linear"
@@ -69,11 +69,7 @@ class AdapterConfig:
             raise ConfigError(f"layers={self.layers} has a negative index; use the non-negative block indices")
         for field_name in ("target_names", "exclude_names"):
             for pattern in getattr(self, field_name):
-                try:
-                    re.compile(pattern)
-                except re.error as e:
-                    raise ConfigError(f"{field_name} entry {pattern!r} is not a valid regular expression ({e}); "
-                                      "fix the pattern (escape literal dots and brackets with a backslash)") from None
+                check_pattern(field_name, pattern)
 
     @property
     def all_linear(self) -> bool:

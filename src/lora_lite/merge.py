@@ -10,9 +10,10 @@ For PiSSA-style methods the merged weight is W_res + ΔW; an inactive one is swi
 
 The model is never left half-merged: the first pass computes every merged weight and checks it is finite
 (nothing is written); the second writes layer by layer, keeping a CPU copy of each weight and bias it
-overwrites, and if anything interrupts it (an error, Ctrl-C) every written layer is copied back bit for bit
-and the adapters stay attached. The extra memory is those CPU copies (the adapted layers' weights) and one
-layer's fp32 weight on the device. Then the merged adapters are removed; the others stay.
+overwrites, then removes the merged adapters. If anything interrupts either step (an error, Ctrl-C), every
+written layer is copied back bit for bit and every removed adapter is put back in its place: the model is as
+before the call. The extra memory is those CPU copies (the adapted layers' weights) and one layer's fp32
+weight on the device. Adapters not merged stay attached.
 
 Quantized (bitsandbytes) layers are refused: writing the merged weight back into 4/8-bit codes would
 re-quantize it and change the outputs. For a QLoRA adapter: load the base unquantized, lora_lite.load the
@@ -26,7 +27,7 @@ from torch import nn
 
 from .errors import AttachStateError, ConversionError, UnsupportedLayerError
 from .quant import is_quantized
-from .runtime import CONTAINER, Adapter, adapters_by_name, detach, remove_adapters, set_activity
+from .runtime import CONTAINER, Adapter, _sync_hooks, adapters_by_name, detach, remove_adapters, set_activity
 from .variant import rewrites_weight
 
 
@@ -88,10 +89,14 @@ def _merged(layer: nn.Module, adapters: list[Adapter]):
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold adapter `name` (None: every adapter) into the base weights and remove it. Returns `model`."""
     plan = _merge_plan(model, name)
-    activity = [(a, a.active) for adapters in plan.values() for a in adapters]
+    merged = sorted((a for adapters in plan.values() for a in adapters), key=lambda a: a.order)
+    activity = [(a, a.active) for a in merged]
+    released: list[tuple[Adapter, torch.Tensor | None, bool]] = []
+    containers = [(layer, layer._modules[CONTAINER], list(layer._modules[CONTAINER]._modules.items()))
+                  for layer in plan]
     written: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
     try:
-        for a, _ in activity:
+        for a in merged:
             set_activity(a, True)  # W_res in place for weight-rewriting methods
         for layer, adapters in plan.items():
             W_new, b_new = _merged(layer, adapters)
@@ -107,19 +112,32 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
                 layer.weight.copy_(W_new)
                 if b_new is not None:
                     layer.bias.copy_(b_new)
+        released = [(a, a.original_weight, a.residual_applied) for a in merged]
+        for a in merged:  # the merged weight replaces the original: nothing to restore on removal
+            a.original_weight, a.residual_applied = None, False
+        remove_adapters(merged)
     except BaseException:
-        with torch.no_grad():
-            for layer, W_old, b_old in written:
-                layer.weight.copy_(W_old)
-                if b_old is not None:
-                    layer.bias.copy_(b_old)
-        for a, was_active in activity:
-            set_activity(a, was_active)
+        _roll_back(written, released, containers, activity)
         raise
-    merged = [a for adapters in plan.values() for a in adapters]
-    for a in merged:  # the merged weight replaces the original: nothing to restore on removal
-        a.original_weight, a.residual_applied = None, False
-    remove_adapters(sorted(merged, key=lambda a: a.order))
     if not any(isinstance(m, Adapter) for m in model.modules()):
         detach(model)  # no adapter left: requires_grad flags go back to what they were before the first attach
     return model
+
+
+@torch.no_grad()
+def _roll_back(written, released, containers, activity) -> None:
+    """Undo an interrupted merge: weights and biases copied back, every removed adapter back in its layer's
+    container in its place, hooks as they were, each adapter's activity and residual state as before."""
+    for layer, W_old, b_old in written:
+        layer.weight.copy_(W_old)
+        if b_old is not None:
+            layer.bias.copy_(b_old)
+    for a, original_weight, residual_applied in released:
+        a.original_weight, a.residual_applied = original_weight, residual_applied
+    for layer, container, items in containers:
+        container._modules.clear()
+        container._modules.update(items)
+        layer._modules[CONTAINER] = container
+        _sync_hooks(layer)
+    for a, was_active in activity:
+        set_activity(a, was_active)

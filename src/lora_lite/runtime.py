@@ -181,10 +181,15 @@ def resolve_name(model: nn.Module, name: str | None, what: str) -> str:
 _WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
 
 
+def bare_name(name: str) -> str:
+    """A module's name with the segments wrappers insert removed (the name it has in the bare model)."""
+    return _WRAPPER_SEGMENTS.sub("", name).lstrip(".")
+
+
 def adapter_layers(model: nn.Module, name: str | None = None) -> dict[str, Adapter]:
     """{qualified layer name (relative to `model`): Adapter} for one adapter (None: the model's only one)."""
     name = resolve_name(model, name, "adapter_layers()")
-    return {_WRAPPER_SEGMENTS.sub("", lname).lstrip("."): layer.lora_adapters[name]
+    return {bare_name(lname): layer.lora_adapters[name]
             for lname, layer in model.named_modules() if CONTAINER in layer._modules and name in layer.lora_adapters}
 
 
@@ -343,12 +348,25 @@ def _add_tensors(a: Adapter, lname: str, specs, tensors) -> None:
 
 
 @torch.no_grad()
-def apply_residual(a: Adapter) -> None:
-    """W <- W_original - base_delta, computed in fp32 and rounded once to W's dtype."""
+def residual(a: Adapter) -> torch.Tensor:
+    """W_original - base_delta, computed in fp32 and rounded once to W's dtype."""
     weight = a.base.weight
     delta = a.variant.base_delta(a).to(weight.device, torch.float32)
-    weight.copy_((a.original_weight.to(weight.device, torch.float32) - delta).to(weight.dtype))
+    return (a.original_weight.to(weight.device, torch.float32) - delta).to(weight.dtype)
+
+
+@torch.no_grad()
+def apply_residual(a: Adapter) -> None:
+    a.base.weight.copy_(residual(a))
     a.residual_applied = True
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's original weight: the copy a weight-rewriting adapter keeps, else the weight it holds."""
+    container = layer._modules.get(CONTAINER)
+    kept = [a.original_weight for a in (container.values() if container is not None else ())
+            if a.original_weight is not None]
+    return kept[0] if kept else layer.weight
 
 
 @torch.no_grad()
