@@ -2,19 +2,31 @@
 
 VARIANT_DEFAULTS is the one place a variant's benchmark settings live: its learning rate per preset, r,
 alpha (a number, or "r" for alpha = r) and, when they differ from the preset's, its targets and config knobs.
-A registered variant with no row still runs: it gets its config class's r/alpha/targets and LoRA's lr,
-and `variant_settings` says so. Presets cap r at `max_r` for their small models, scaling alpha to keep
-alpha/r.
+Bench code reads it only through `defaults_row`. A registered variant with no row still runs: it gets its
+config class's r/alpha/targets and LoRA's lr, and `variant_settings` says so. Presets cap r at `max_r` for
+their small models, scaling alpha to keep alpha/r.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from ..cli_args import DTYPE_NAMES
 from ..config import ALL_LINEAR, AdapterConfig, config_class
 from ..errors import ConfigError
 from ..shared_data import gsm8k_file, stories260k_dir
+
+
+@dataclass(frozen=True)
+class ReferenceTiming:
+    """Seconds measured for the preset's defaults with LoRA on an idle 2-core CPU (2 torch threads), for the
+    plan's ETA: `lora-lite bench --preset P --variants lora --threads 2` split by phase. Other methods take
+    up to ~2x this (HRA, DoRA)."""
+    pretrain_s: float     # the tiny base's pre-training, once per cache dir
+    session_s: float      # loading model and data, scoring the untrained base
+    train_s: float        # one run's training at the preset's steps x batch
+    eval_s: float         # one run's scoring (valid + test + forgetting)
 
 
 @dataclass(frozen=True)
@@ -28,29 +40,32 @@ class Preset:
     steps: int
     batch_size: int
     grad_accum: int
-    max_seq_length: int
+    max_seq_length: int             # longer examples are left out (counted in the log and result.json)
     max_new_tokens: int
     batch_size_eval: int
     targets: tuple[str, ...]
     max_test: int | None = None
     max_valid: int = 50
     max_r: int | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"          # the base model's dtype
+    adapter_dtype: str | None = "float32"  # adapter tensors (None: the layer's dtype); fp32 trains in bf16 too
     forget_data: str = "self"       # "self": text the base samples itself; else hub id / .jsonl with "text"
     forget_n: int = 32
     forget_len: int = 96
     checkpoint_every: int = 0
-    extra: dict = field(default_factory=dict)
+    timing: ReferenceTiming | None = None
 
 
 PRESETS = {
     "tiny": Preset("tiny", model="tiny", train_data="tiny", eval_data="tiny", eval_config=None, metric="em",
                    steps=150, batch_size=16, grad_accum=1, max_seq_length=128, max_new_tokens=16,
-                   batch_size_eval=200, targets=(ALL_LINEAR,), max_test=200, max_r=8, forget_len=64),
+                   batch_size_eval=200, targets=(ALL_LINEAR,), max_test=200, max_r=8, forget_len=64,
+                   timing=ReferenceTiming(pretrain_s=40.0, session_s=3.0, train_s=5.0, eval_s=2.0)),
     "stories": Preset("stories", model=str(stories260k_dir()), train_data=str(gsm8k_file("train")),
-                      eval_data=str(gsm8k_file("train").parent), eval_config=None, metric="nll", steps=100,
-                      batch_size=8, grad_accum=1, max_seq_length=512, max_new_tokens=128, batch_size_eval=64,
-                      targets=(r"down_proj$",), max_r=8),
+                      eval_data=str(gsm8k_file("train").parent), eval_config=None, metric="nll", steps=60,
+                      batch_size=8, grad_accum=1, max_seq_length=512, max_new_tokens=64, batch_size_eval=64,
+                      targets=(r"down_proj$",), max_test=200, max_r=8,
+                      timing=ReferenceTiming(pretrain_s=0.0, session_s=12.0, train_s=23.0, eval_s=8.0)),
     "qwen": Preset("qwen", model="Qwen/Qwen3.5-0.8B-Base", train_data="meta-math/MetaMathQA",
                    eval_data="openai/gsm8k", eval_config="main", metric="em", steps=2500, batch_size=2,
                    grad_accum=4, max_seq_length=512, max_new_tokens=300, batch_size_eval=16,
@@ -83,13 +98,16 @@ def defaults_row(variant: str) -> dict | None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class VariantSettings:
     cfg: AdapterConfig
     lr: float
     default_lr: float
     default_r: int
-    notes: list[str]
+    notes: tuple[str, ...]
+
+    def at_lr(self, lr: float) -> VariantSettings:
+        return dataclasses.replace(self, lr=lr)
 
 
 def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r: int | None = None,
@@ -100,7 +118,7 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
     fields = {f.name: f for f in dataclasses.fields(cls)}
     row, notes = defaults_row(variant), []
     if row is None:
-        row = {"r": fields["r"].default, "alpha": fields["alpha"].default, "lr": VARIANT_DEFAULTS["lora"]["lr"]}
+        row = {"r": fields["r"].default, "alpha": fields["alpha"].default, "lr": defaults_row("lora")["lr"]}
         notes.append(f"{variant} has no row in VARIANT_DEFAULTS: using {cls.__name__}'s r={row['r']}, "
                      f"alpha={row['alpha']} and LoRA's lr for preset {preset.name!r}")
     default_lr = row["lr"][preset.name] if preset.name in row["lr"] else row["lr"]["qwen"]
@@ -112,34 +130,15 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
     class_targets = fields["target_names"].default
     if targets is None:
         targets = row.get("targets") or (class_targets if class_targets not in (ALL_LINEAR, ()) else preset.targets)
-    kwargs = {"r": use_r, "alpha": alpha, "target_names": tuple(targets), **row.get("knobs", {}), **(knobs or {})}
+    dtype = DTYPE_NAMES[preset.adapter_dtype] if preset.adapter_dtype else None
+    kwargs = {"r": use_r, "alpha": alpha, "target_names": tuple(targets), "dtype": dtype, **row.get("knobs", {}),
+              **(knobs or {})}
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
         raise ConfigError(f"{variant}: unknown config fields {unknown} (from --set or the defaults table); "
                           f"{cls.__name__} has {sorted(f for f in fields if f != 'variant')}")
     return VariantSettings(cfg=cls(**kwargs), lr=lr if lr is not None else default_lr, default_lr=default_lr,
-                           default_r=default_r, notes=notes)
-
-
-def parse_knobs(items: list[str], variant: str) -> dict:
-    """--set key=value pairs, typed after the config field's default (int, float, bool, str)."""
-    cls = config_class(variant)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        if key not in fields:
-            continue  # a knob of another variant in the same invocation
-        default = fields[key].default
-        if isinstance(default, bool):
-            out[key] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            out[key] = type(default)(float(raw)) if isinstance(default, int) else float(raw)
-        else:
-            out[key] = raw
-    return out
+                           default_r=default_r, notes=tuple(notes))
 
 
 def lr_grid(center: float, points: int, decades: float) -> list[float]:
