@@ -10,8 +10,9 @@ import torch
 pytest.importorskip("matplotlib")
 
 from lora_lite.bench import evaluate as ev  # noqa: E402
-from lora_lite.bench.plot import clipped_yerr, place_labels, plot  # noqa: E402
 from lora_lite.cost.cli import render  # noqa: E402
+
+# lora_lite.bench.plot is imported inside the tests, so this file also runs against older code.
 
 # The published tiny table's crowded corner: many methods near the base at few parameters, three at ~26k.
 CROWDED = [("lora", 26112, 90.3), ("pissa", 26112, 87.2), ("dora", 27840, 84.7), ("eva", 26112, 74.3),
@@ -23,6 +24,8 @@ CROWDED = [("lora", 26112, 90.3), ("pissa", 26112, 87.2), ("dora", 27840, 84.7),
 
 def test_plot_labels_never_overlap():
     import matplotlib
+
+    from lora_lite.bench.plot import place_labels
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -42,12 +45,16 @@ def test_plot_labels_never_overlap():
 
 
 def test_ci_bars_stay_inside_the_metric_range():
+    from lora_lite.bench.plot import clipped_yerr
+
     assert clipped_yerr(98.0, 10.0, "em") == (10.0, 2.0)
     assert clipped_yerr(3.0, 10.0, "em") == (3.0, 10.0)
     assert clipped_yerr(0.5, 2.0, "nll") == (0.5, 2.0)
 
 
 def test_the_plot_writes_through_a_temp_name_of_its_own(tmp_path):
+    from lora_lite.bench.plot import plot
+
     (tmp_path / "acc_vs_params.tmp.png").mkdir()  # the old fixed temp name, taken by another writer
     rows = [{"variant": n, "trainable_params": x, "test": (y, 12.0)} for n, x, y in CROWDED]
     path = plot({"test": {"acc": 8.0}}, rows, "em", tmp_path / "acc_vs_params.png", "crowded")

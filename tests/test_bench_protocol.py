@@ -12,13 +12,7 @@ pytest.importorskip("transformers")
 from conftest import require_asset  # noqa: E402
 from lora_lite.bench import presets, tiny  # noqa: E402
 from lora_lite.bench.data import HFTokenizer, encode_rows  # noqa: E402
-from lora_lite.bench.protocol import (  # noqa: E402
-    extract_answer,
-    format_example,
-    format_prompt,
-    reference_answer,
-    show_number,
-)
+from lora_lite.bench.protocol import extract_answer, format_example, format_prompt, reference_answer  # noqa: E402
 from lora_lite.bench.report import SUMMARY_COLUMNS, append_summary, pick_lr, summarize  # noqa: E402
 from lora_lite.errors import ConfigError  # noqa: E402
 from lora_lite.shared_data import gsm8k_file, stories260k_dir  # noqa: E402
@@ -48,6 +42,8 @@ def test_prompt_template_is_the_protocol():
 
 
 def test_every_gsm8k_test_reference_scores_right_against_itself():
+    from lora_lite.bench.protocol import show_number
+
     path = gsm8k_file("test")
     require_asset(path)
     rows = [json.loads(line) for line in open(path)]

@@ -21,7 +21,6 @@ import lora_lite as ll  # noqa: E402
 from lora_lite.bench.cli import build_parser as bench_parser  # noqa: E402
 from lora_lite.bench.cli import main as bench_main  # noqa: E402
 from lora_lite.cost.cli import build_parser as cost_parser  # noqa: E402
-from lora_lite.cost.cli import prepare as cost_prepare  # noqa: E402
 
 N_EXAMPLES = 250
 RUNS: dict[str, int] = {}
@@ -105,6 +104,8 @@ def test_bench_argv_never_tracebacks(paths, monkeypatch):
 
 
 def test_cost_argv_never_tracebacks(paths):
+
+    from lora_lite.cost.cli import prepare as cost_prepare  # here, so the file also runs against older code
 
     def resolve_only(argv):  # what `lora-lite cost` does before it builds or measures anything
         prepared = cost_prepare(argv)

@@ -87,10 +87,10 @@ def hub_rows(source: str, config: str | None, split: str, flag: str) -> list[dic
 
     try:
         return list(load_dataset(source, config, split=split))
-    except Exception as e:  # noqa: BLE001 - datasets raises many unrelated types for "could not get it"
+    except Exception as e:  # datasets raises many unrelated types for "could not get it"; each becomes this one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"could not load hub dataset {source!r} (split {split}): {first}. Offline, pass a local "
-                          f"copy with {flag}") from None
+        raise ConfigError(f"could not load hub dataset {source!r} (split {split}): {first}. Without the hub, pass a "
+                          f"local copy with {flag}") from None
 
 
 def shuffled(rows: list, seed: int) -> list:

@@ -198,15 +198,8 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _check_sources(preset: Preset, mode: str) -> None:
-    needed = {"model": preset.model, "train_data": preset.train_data}
-    if mode == "benchmark":
-        needed["eval_data"] = preset.eval_data
-        if preset.forget_data != "self":
-            needed["forget_data"] = preset.forget_data.partition(":")[0]
     missing, uncached = [], []
-    for field, source in needed.items():
-        if source == "tiny" or is_local(source):
-            continue
+    for field, source in hub_sources(preset, mode):
         if _looks_like_path(source) or not _HUB_ID.fullmatch(source):
             missing.append(f"{_SOURCE_FLAGS[field].split()[0]} {source}: no such file or folder")
         elif offline() and not _in_hub_cache(source, dataset=field != "model"):
@@ -218,6 +211,25 @@ def _check_sources(preset: Preset, mode: str) -> None:
         flags = " ".join(_SOURCE_FLAGS[f] for f, _ in uncached)
         raise ConfigError(f"preset {preset.name} reads {names} from the Hugging Face hub, but this machine is "
                           f"offline ({offline()}=1) and they are not in the local cache. Pass local copies: {flags}")
+
+
+def hub_sources(preset: Preset, mode: str = "benchmark") -> list[tuple[str, str]]:
+    """(preset field, hub id) for every model or data source of the preset that is not a local path."""
+    needed = {"model": preset.model, "train_data": preset.train_data}
+    if mode == "benchmark":
+        needed["eval_data"] = preset.eval_data
+        if preset.forget_data != "self":
+            needed["forget_data"] = preset.forget_data.partition(":")[0]
+    return [(f, s) for f, s in needed.items() if s != "tiny" and not is_local(s)]
+
+
+def offline_hint(preset: Preset, mode: str = "benchmark") -> str:
+    """What to pass to run this preset without the hub."""
+    remote = hub_sources(preset, mode)
+    if not remote:
+        return ""
+    return (f" Preset {preset.name} reads {', '.join(s for _, s in remote)} from the Hugging Face hub; without it, "
+            f"pass local copies: {' '.join(_SOURCE_FLAGS[f] for f, _ in remote)}")
 
 
 def offline() -> str | None:
@@ -240,8 +252,8 @@ def _in_hub_cache(repo: str, dataset: bool) -> bool:
 
 # ---- what the session will do ----------------------------------------------------------------------------------
 def run_seconds(plan: Plan) -> float | None:
-    """Expected seconds of one LoRA run, from the preset's reference timing (idle 2-core CPU), scaled by the
-    training examples and the generated tokens; None when the reference does not apply."""
+    """Expected seconds of one run (the mean over methods), from the preset's reference timing on 2 CPU cores,
+    scaled by the training examples and the generated tokens; None when the reference does not apply."""
     p, ref = plan.preset, plan.preset.timing
     default = PRESETS[p.name]
     if ref is None or plan.device != "cpu" or p.model != default.model:
@@ -303,13 +315,13 @@ def describe(plan: Plan, base_cached: bool) -> str:
         lines.append("  expected time: no reference timing for this model/device; the ETA follows the first run")
     else:
         pre = "" if base_cached or p.model != "tiny" else " (including the base's one-off pre-training)"
-        lines.append(f"  expected time: about {duration(total)} on an idle 2-core CPU{pre}; a busy machine is "
-                     "slower, the ETA after each run follows the real pace")
+        lines.append(f"  expected time: about {duration(total)} on 2 CPU cores{pre} (the preset's reference pace; a "
+                     "busy machine is slower, and the ETA after each run follows the real pace)")
     if plan.mode == "benchmark" and not plan.full:
         import lora_lite as ll
         runs = full_table_runs(len(ll.REGISTRY))
         per_run = run_seconds(plan)
-        eta = f", about {duration(per_run * runs)} on an idle 2-core CPU" if per_run else ""
+        eta = f", about {duration(per_run * runs)} on 2 CPU cores" if per_run else ""
         flag = "" if p.name == "tiny" else f" --preset {p.name}"
         lines.append(f"  the full table (every method, lr sweep, 3 seeds: {runs} runs): lora-lite bench{flag} "
                      f"--full{eta}")

@@ -58,7 +58,7 @@ def place_labels(ax, points: list[tuple[float, float]], names: list[str], fontsi
             position, ha = text.get_position(), text.get_ha()
             text.remove()
             text = ax.annotate(names[i], points[i], textcoords="offset points", xytext=position, fontsize=fontsize,
-                               ha=ha, va="center", arrowprops={"arrowstyle": "-", "color": "0.6", "linewidth": 0.6,
+                               ha=ha, va="center", arrowprops={"arrowstyle": "-", "color": "0.45", "linewidth": 0.7,
                                                   "shrinkA": 0, "shrinkB": 3})
             box = text.get_window_extent(renderer)
         occupied.append(box)

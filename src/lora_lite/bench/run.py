@@ -29,6 +29,7 @@ from ..io import atomic_write_bytes
 from . import evaluate as ev
 from .data import HFTokenizer, encode_rows, load_rows, make_batches, shuffled
 from .env import environment, fingerprint, identity, settings_key
+from .plan import offline_hint
 from .presets import Preset, VariantSettings
 from .protocol import format_example
 from .report import append_summary
@@ -87,8 +88,8 @@ class Bench:
         try:
             return HFTokenizer(AutoTokenizer.from_pretrained(self.p.model)), None
         except OSError as e:
-            raise ConfigError(f"could not load the tokenizer of --model {self.p.model!r}: {str(e).splitlines()[0]}. "
-                              "Offline, pass a local model folder with --model DIR") from None
+            raise ConfigError(f"could not load the tokenizer of --model {self.p.model!r}: {_first_line(e)}."
+                              + offline_hint(self.p, self.opt.mode)) from None
 
     def _load_model(self):
         p = self.p
@@ -103,8 +104,8 @@ class Bench:
         try:
             model = AutoModelForCausalLM.from_pretrained(p.model, dtype=dtype)
         except OSError as e:
-            raise ConfigError(f"could not load --model {p.model!r}: {str(e).splitlines()[0]}. Offline, pass a local "
-                              "model folder with --model DIR") from None
+            raise ConfigError(f"could not load --model {p.model!r}: {_first_line(e)}." + offline_hint(p, self.opt.mode)
+                              ) from None
         model = model.to(self.opt.device).eval()
         model.config.use_cache = True
         tag = Path(p.model).name if Path(p.model).exists() else p.model.replace("/", "--")
@@ -366,6 +367,11 @@ def check_training(result: dict) -> None:
         raise LoraLiteError(f"{result['run_id']}: {t['base_grad_leaks']} base parameters received gradients")
     if not result["adapter_delta"] > 0:
         raise LoraLiteError(f"{result['run_id']}: training left the adapter unchanged (adapter_delta=0)")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _utc() -> str:
