@@ -314,9 +314,9 @@ def describe(plan: Plan, base_cached: bool) -> str:
     if total is None:
         lines.append("  expected time: no reference timing for this model/device; the ETA follows the first run")
     else:
-        pre = "" if base_cached or p.model != "tiny" else " (including the base's one-off pre-training)"
-        lines.append(f"  expected time: about {duration(total)} on 2 CPU cores{pre} (the preset's reference pace; a "
-                     "busy machine is slower, and the ETA after each run follows the real pace)")
+        pre = "" if base_cached or p.model != "tiny" else ", the base's one-off pre-training included"
+        lines.append(f"  expected time: about {duration(total)} on 2 CPU cores at the preset's reference pace{pre}; a "
+                     "busy machine is slower, and the ETA after each run follows the real pace")
     if plan.mode == "benchmark" and not plan.full:
         import lora_lite as ll
         runs = full_table_runs(len(ll.REGISTRY))

@@ -185,8 +185,8 @@ def markdown_table(base: dict, rows: list[dict], metric: str, title: str, contex
             dd = d if metric == "em" else d + 1
             delta = f"{vs['diff'] * scale:+.{dd}f} [{vs['lo'] * scale:+.{dd}f}, {vs['hi'] * scale:+.{dd}f}]"
             p, test = f"{vs['p']:.3f}", vs["test"]
-        else:
-            delta, p, test = "(reference)", "–", "–"
+        else:  # LoRA itself, or no LoRA row to compare with
+            delta, p, test = ("(reference)" if row["variant"] == "lora" else "–"), "–", "–"
         lr = f"{row['lr']:g}" + (f" (best of {len(row['lrs_tried'])})" if len(row["lrs_tried"]) > 1 else "")
         seeds = str(len(row["seeds"])) + (f" ({len(row['diverged_seeds'])} diverged)" if row["diverged_seeds"] else "")
         lines.append(f"| {row['variant']} | {lr} | {seeds} | {_fmt(row['test'], d)} | "

@@ -12,7 +12,8 @@ skills the base has. The base mostly guesses the operation and the format; an ad
 
 Everything is built in code: a character tokenizer, a small Llama from a transformers config, and its
 pre-training on generated text. Pre-training is deterministic (fixed seeds, fixed data) and its weights are
-cached under the cache dir keyed by a hash of every setting, so later runs skip it.
+cached under the cache dir keyed by a hash of every setting and of the torch and transformers versions (another
+version pre-trains another base), so later runs skip it. A cached file is used only if every tensor fits.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class TrainSettings:
     grad_accum: int = 1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    checkpoint_every: int = 0  # 0: only on Ctrl-C
+    checkpoint_every: int = 0  # 0: only on Ctrl-C / SIGTERM
 
 
 def trainable_named(model) -> list[tuple[str, torch.nn.Parameter]]:

@@ -5,6 +5,9 @@
     parse_knob           KEY=VALUE text -> a config field's value, typed by the field's annotation, so that
                          `bench --set niter=4` and `cost --variants pissa:niter=4` follow one rule
     check_output_dir     an output folder that can be created and written, checked without creating anything
+
+Command-line code, like the bench/ and cost/ subpackages, not core: its argparse `type=` checkers signal a bad
+value with argparse.ArgumentTypeError, argparse's own protocol, which CliParser turns into the one-line error.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                "float64": torch.float64}
