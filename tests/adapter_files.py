@@ -51,13 +51,23 @@ def with_metadata(blob: bytes, **changes) -> bytes:
     return join(header, data)
 
 
-def with_config(blob: bytes, **fields) -> bytes:
-    """Replace fields of the JSON config in the metadata (a value of ... deletes the field)."""
-    header, _ = split(blob)
-    config = json.loads(header["__metadata__"]["config"])
+def adapters_meta(blob: bytes) -> dict:
+    return json.loads(split(blob)[0]["__metadata__"]["adapters"])
+
+
+def with_config(blob: bytes, adapter: str = "default", **fields) -> bytes:
+    """Replace fields of one adapter's JSON config in the metadata (a value of ... deletes the field)."""
+    adapters = adapters_meta(blob)
+    config = adapters[adapter]["config"]
     for key, value in fields.items():
         if value is ...:
             config.pop(key, None)
         else:
             config[key] = value
-    return with_metadata(blob, config=json.dumps(config))
+    return with_metadata(blob, adapters=json.dumps(adapters))
+
+
+def with_targets(blob: bytes, targets, adapter: str = "default") -> bytes:
+    adapters = adapters_meta(blob)
+    adapters[adapter]["targets"] = targets
+    return with_metadata(blob, adapters=json.dumps(adapters))

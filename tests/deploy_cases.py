@@ -11,30 +11,26 @@ import torch
 
 import lora_lite as ll
 from conftest import fresh_model
-from variant_cases import CASES
-
-# Variants whose change against the original W is exactly low-rank (they define lora_factors), and the rank
-# of their export when it is not the config's r.
-EXPORT_RANK = {"pissa": lambda cfg: 2 * cfg.r, "antipasto_ablate": lambda cfg: cfg.k}
+from variant_cases import attach_case
 
 
 def exportable(name: str) -> bool:
+    """Its change against the original W is exactly low-rank: it defines lora_factors."""
     return hasattr(ll.REGISTRY[name], "lora_factors")
 
 
 @torch.no_grad()
-def perturb(model, seed=0, std=0.1):
+def perturb(model, seed=0, std=0.1, adapter=None):
+    """Add seeded noise to every trainable lora_* tensor (of one named adapter, or of all)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if p.requires_grad and "lora_" in name:
+        if p.requires_grad and "lora_" in name and (adapter is None or f".lora_adapters.{adapter}." in name):
             p.add_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
 
 
 def trained(name: str, dtype=torch.float32, kind="qwen", seed=0, cfg=None):
     model = fresh_model(kind, dtype)
-    case = CASES[name]
-    calib = case.calibration(model) if case.calibration is not None else None
-    ll.attach(model, cfg or case.config(kind), calibration_data=calib)
+    attach_case(model, name, kind, cfg=cfg)
     perturb(model, seed)
     return model
 

@@ -21,7 +21,7 @@ def _adapted_model(seed=0):
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
     ll.attach(model, ll.LoRAConfig(r=2))
     with torch.no_grad():
-        model[0].lora_B.normal_()
+        model[0].lora_adapters.default.lora_B.normal_()
     return model
 
 

@@ -7,6 +7,8 @@ from fractions import Fraction
 
 import pytest
 
+import lora_lite as ll
+
 pytest.importorskip("transformers")
 
 from conftest import require_asset  # noqa: E402
@@ -74,21 +76,22 @@ def test_variant_table_and_fallback_for_unregistered_rows():
     assert pissa.cfg.r == 32 and pissa.cfg.alpha == 32
     ia3 = presets.variant_settings("ia3", presets.PRESETS["qwen"])
     assert ia3.cfg.target_names == (r"(k_proj|v_proj)$",) and ia3.lr == 5e-3
-    row = presets.VARIANT_DEFAULTS.pop("dora")
+    dora_method = ll.REGISTRY["dora"]
+    row = dora_method.bench
+    del dora_method.bench
     try:
         dora = presets.variant_settings("dora", tiny_p)
     finally:
-        presets.VARIANT_DEFAULTS["dora"] = row
-    assert dora.lr == presets.defaults_row("lora")["lr"]["tiny"] and "no row" in dora.notes[0]
+        dora_method.bench = row
+    assert dora.lr == ll.REGISTRY["lora"].bench["lr"]["tiny"] and "registers no benchmark defaults" in dora.notes[0]
     with pytest.raises(ConfigError, match="unknown config fields"):
         presets.variant_settings("lora", tiny_p, knobs={"lambda0": 1.0})
     assert presets.lr_grid(1e-3, 3, 1.0) == [1e-4, 1e-3, 1e-2]
 
 
-def test_adapters_are_float32_by_default_even_on_a_bf16_preset():
-    import torch
+def test_adapters_keep_fp32_master_tensors_on_a_bf16_preset():
     qwen = presets.variant_settings("lora", presets.PRESETS["qwen"])
-    assert presets.PRESETS["qwen"].dtype == "bfloat16" and qwen.cfg.dtype == torch.float32
+    assert presets.PRESETS["qwen"].dtype == "bfloat16" and qwen.cfg.dtype is None  # None: fp32 master tensors
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

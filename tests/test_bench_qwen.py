@@ -7,15 +7,16 @@ import json
 import random
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
+import lora_lite as ll  # noqa: E402
 from lora_lite.bench import tiny  # noqa: E402
 from lora_lite.bench.cli import main  # noqa: E402
 
 
 def _toy_qwen35(folder, texts):
-    import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast, Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
@@ -65,8 +66,10 @@ def test_qwen_preset_runs_every_stage_on_local_files(local_qwen, tmp_path, capsy
     assert "bench qwen: 2 method(s)" in printed and "expected time" in printed
     assert "forgetting (6 texts)" in printed
     for variant in ("lora", "dora"):
-        result = json.loads(next(out.glob(f"model__{variant}__*/result.json")).read_text())
+        run = next(out.glob(f"model__{variant}__*"))
+        result = json.loads((run / "result.json").read_text())
         assert result["status"] == "ok" and result["settings"]["dtype"] == "bfloat16"
-        assert result["config"]["dtype"] == "float32" and result["train"]["losses"][-1] > 0
+        (_, _, tensors), = ll.io.read_adapter_file(run / "adapter.safetensors").values()
+        assert {t.dtype for t in tensors.values()} == {torch.float32} and result["train"]["losses"][-1] > 0
         assert len(result["test"]["acc_scores"]) == 4 and result["forgetting"] == result["forgetting"]
     assert "| lora |" in (out / "results.md").read_text()

@@ -104,7 +104,7 @@ def _bench(out, cache, steps=6, checkpoint_every=0, **changes):
 
 
 def _adapter(run_dir):
-    return ll.io.read_adapter_file(run_dir / "adapter.safetensors")[2]
+    return ll.io.read_adapter_file(run_dir / "adapter.safetensors")["default"][2]
 
 
 def _stop_at(n):
@@ -175,7 +175,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert result["status"] == "diverged" and "diverged at step 2: loss is nan" in result["error"]
     ckpt = latest_checkpoint(tmp_path / result["run_id"])
     assert ckpt.name == "step-000002"
-    tensors = ll.io.read_adapter_file(ckpt / "adapter.safetensors")[2]
+    tensors = ll.io.read_adapter_file(ckpt / "adapter.safetensors")["default"][2]
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
@@ -298,12 +298,15 @@ def test_bf16_base_trains_fp32_adapters_whose_every_entry_moves(tmp_path, cache)
     bench's adapters are fp32 unless asked otherwise, on any base dtype."""
     common = ("--variants", "lora", "--dtype", "bfloat16", "--lr", "1e-4", "--steps", "3")
     assert _bench_main(tmp_path, cache, *common) == 0
-    fp32 = _result(next(tmp_path.glob("tiny-*__lora__*")))
-    assert fp32["config"]["dtype"] == "float32" and fp32["settings"]["dtype"] == "bfloat16"
+    run = next(tmp_path.glob("tiny-*__lora__*"))
+    fp32 = _result(run)
+    assert fp32["settings"]["dtype"] == "bfloat16" and {t.dtype for t in _adapter(run).values()} == {torch.float32}
     assert fp32["adapter_unchanged"]["lora_A"] < 0.01
     assert _bench_main(tmp_path / "bf16", cache, *common, "--set", "dtype=bfloat16") == 0
-    bf16 = _result(next((tmp_path / "bf16").glob("tiny-*__lora__*")))
-    assert bf16["config"]["dtype"] == "bfloat16" and bf16["adapter_unchanged"]["lora_A"] > 0.3
+    run = next((tmp_path / "bf16").glob("tiny-*__lora__*"))
+    bf16 = _result(run)
+    assert bf16["config"]["dtype"] == "bfloat16" and {t.dtype for t in _adapter(run).values()} == {torch.bfloat16}
+    assert bf16["adapter_unchanged"]["lora_A"] > 0.3
 
 
 def test_tiny_lr_sweep_picks_on_valid_then_runs_the_other_seeds(tmp_path, cache):

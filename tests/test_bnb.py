@@ -16,25 +16,15 @@ import lora_lite as ll
 from conftest import gsm8k_rows, require_asset, stories_tokenizer
 from lora_lite.quant import dense_weight
 from lora_lite.shared_data import stories260k_dir
+from lora_lite.variant import hook_only_methods
+from variant_cases import CASES
 
 pytest.importorskip("bitsandbytes")
 STEPS = 20
-# stories260K dims are 64 (q, o), 32 (k, v), 172 (gate, up, down's d_in): RoAd groups of 4 divide all of them.
-HOOK_ONLY = {
-    "lora": (lambda: ll.LoRAConfig(r=4, alpha=8), 1e-2),
-    "delora": (lambda: ll.DeLoRAConfig(r=4, lambda0=1.0), 1e-2),
-    "ia3": (lambda: ll.IA3Config(), 2e-2),
-    "ia3_ff": (lambda: ll.IA3FFConfig(), 2e-2),
-    "hra": (lambda: ll.HRAConfig(r=4), 1e-2),
-    "road": (lambda: ll.RoadConfig(group_size=4), 1e-2),
-    "eva": (lambda: ll.EVAConfig(r=4, alpha=8), 1e-2),
-}
-DENSE_ONLY = {
-    "pissa": lambda: ll.PiSSAConfig(r=4), "dora": lambda: ll.DoRAConfig(r=4), "lora_xs": lambda: ll.LoRAXSConfig(r=4),
-    "antipasto": lambda: ll.AntiPaSTOConfig(r=8), "antipasto_gain": lambda: ll.AntiPaSTOGainConfig(r=8),
-    "antipasto_ablate": lambda: ll.AntiPaSTOAblateConfig(r=8), "antipasto_corda": lambda: ll.AntiPaSTOCorDAConfig(r=8),
-    "antipasto_asvd": lambda: ll.AntiPaSTOASVDConfig(r=8), "antipasto_dplr": lambda: ll.AntiPaSTODPLRConfig(r=8),
-}
+# Which methods run on a quantized base comes from their registration; configs and lrs from the invariant matrix's
+# cases for stories260K (RoAd groups of 4 divide its 64/32/172 dims).
+HOOK_ONLY = hook_only_methods()
+DENSE_ONLY = sorted(set(ll.REGISTRY) - set(HOOK_ONLY))
 
 
 def calibration_for(cfg):
@@ -84,13 +74,13 @@ def quantized_weights(model):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("case", sorted(HOOK_ONLY))
+@pytest.mark.parametrize("case", HOOK_ONLY)
 def test_hook_variants_train_and_reload(case, bits, tmp_path):
-    make_cfg, lr = HOOK_ONLY[case]
+    lr = CASES[case].lr
     torch.manual_seed(0)
     model = load_bnb(bits)
     frozen = quantized_weights(model)
-    cfg = make_cfg()
+    cfg = CASES[case].config("stories")
     ll.attach(model, cfg, calibration_data=calibration_for(cfg))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert params and all("lora_" in n for n in params)
@@ -119,14 +109,14 @@ def test_hook_variants_train_and_reload(case, bits, tmp_path):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("case", sorted(DENSE_ONLY))
+@pytest.mark.parametrize("case", DENSE_ONLY)
 def test_dense_variants_refuse_before_changing_anything(case, bits):
     model = load_bnb(bits)
     before, logits = quantized_weights(model), out(model)
-    cfg = DENSE_ONLY[case]()
+    cfg = CASES[case].config("stories")
     with pytest.raises(ll.UnsupportedLayerError, match=f"{case}.*Linear{bits}"):
         ll.attach(model, cfg, calibration_data=calibration_for(cfg))
-    assert ll.runtime.get_state(model) is None
+    assert ll.adapter_names(model) == []
     assert not [n for n, _ in model.named_parameters() if "lora_" in n]
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert all(torch.equal(t, quantized_weights(model)[n]) for n, t in before.items())
@@ -180,7 +170,7 @@ def test_merge_refuses_and_disabled_works_on_a_quantized_base():
     adapted = out(model)
     with pytest.raises(ll.UnsupportedLayerError, match="load the base unquantized"):
         ll.merge(model)
-    assert torch.equal(out(model), adapted) and ll.runtime.get_state(model) is not None
+    assert torch.equal(out(model), adapted) and ll.adapter_names(model) == ["default"]
     with ll.disabled(model):
         assert torch.equal(out(model), base)
     assert torch.equal(out(model), adapted)

@@ -5,8 +5,9 @@ import torch
 
 import lora_lite as ll
 from conftest import gsm8k_rows, stories_tokenizer
-from lora_lite.calibration import input_moments
-from lora_lite.variants import AntiPaSTOGain
+from lora_lite.calibration import input_moments as moments_of
+from lora_lite.runtime import _output_hook
+from lora_lite.variants.antipasto_gain import AntiPaSTOGain
 
 LAYER = "model.layers.2.self_attn.q_proj"
 
@@ -21,6 +22,12 @@ def batches():
 
 def targets(model, pattern=r"layers\.[0-4]\.self_attn\.[qk]_proj$"):
     return [(n, m) for n, m, _ in ll.find_targets(model, ll.LoRAConfig(target_names=(pattern,)))]
+
+
+def input_moments(model, named_layers, data, **kwargs):
+    """lora_lite's input_moments keyed by layer name."""
+    return dict(zip([n for n, _ in named_layers], moments_of(model, [m for _, m in named_layers], data, **kwargs),
+                    strict=True))
 
 
 def captured_inputs(model, name, batches, keep_padding=False):
@@ -93,8 +100,10 @@ def test_group_init_sees_the_adapted_model(stories, batches, monkeypatch):
     base = input_moments(stories, targets(stories), batches, min_tokens=1, variant="probe")
     seen = {}
 
-    def recording_group_init(model, tgts, cfg, data):
-        seen.update(input_moments(model, tgts, data, min_tokens=1, variant="probe"))
+    def recording_group_init(model, adapters, cfg, data):
+        names = {id(m): n for n, m in model.named_modules()}
+        seen.update(input_moments(model, [(names[id(a.base)], a.base) for a in adapters], data, min_tokens=1,
+                                  variant="probe"))
 
     monkeypatch.setattr(AntiPaSTOGain, "group_init", staticmethod(recording_group_init), raising=False)
     cfg = ll.AntiPaSTOGainConfig(r=16, target_names=(r"self_attn\.[qk]_proj$",))
@@ -103,8 +112,9 @@ def test_group_init_sees_the_adapted_model(stories, batches, monkeypatch):
     for name in base:
         torch.testing.assert_close(seen[name], base[name], rtol=1e-3, atol=1e-5)
     # and the check has teeth: the same pass with the adapter's hooks off sees different layer-4 inputs
-    for h in ll.runtime.get_state(stories).handles:
-        h.remove()
+    for layer in stories.modules():
+        for key in [k for k, h in layer._forward_hooks.items() if h is _output_hook]:
+            del layer._forward_hooks[key]
     damaged = input_moments(stories, targets(stories), batches, min_tokens=1, variant="probe")
     name = "model.layers.4.self_attn.q_proj"
     assert not torch.allclose(damaged[name], base[name], rtol=1e-2)

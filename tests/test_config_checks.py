@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import lora_lite as ll
-from lora_lite import config as config_module
 from lora_lite.config import AdapterConfig
 
 
@@ -27,7 +26,8 @@ from lora_lite.config import AdapterConfig
     (dict(alpha=10**400), "alpha must be float"),
     (dict(alpha="16"), "alpha must be float"),
     (dict(dtype=torch.int8), "dtype must be None or one of"),
-    (dict(dtype="float32"), "dtype must be torch.dtype \\| None"),
+    (dict(dtype="int8"), "dtype 'int8' is not one of"),
+    (dict(dtype=torch.int8), "dtype must be None or one of"),
     (dict(target_names=[r"q_proj", 3]), "target_names must be"),
     (dict(target_names=r"q_proj["), "not a valid regular expression"),
     (dict(layers=(0, True)), "layers must be"),
@@ -44,8 +44,9 @@ def test_conversions():
     cfg = ll.LoRAConfig(r=4, alpha=8, target_names="q_proj$", layers=range(2), target_roles=["reader"])
     assert (cfg.alpha, type(cfg.alpha)) == (8.0, float)
     assert cfg.target_names == ("q_proj$",) and cfg.layers == (0, 1) and cfg.target_roles == ("reader",)
-    for config_class in config_module.registered_configs().values():
-        c = config_class()
+    assert ll.LoRAConfig(dtype="bfloat16").dtype == torch.bfloat16
+    for method in ll.REGISTRY.values():
+        c = method.config()
         assert AdapterConfig.from_dict(c.to_dict()) == c
 
 
@@ -67,14 +68,19 @@ def test_from_dict_refuses_malformed_input(d, error, match):
 def rich():
     @dataclass
     class RichConfig(AdapterConfig):
-        variant = "test_rich"
         mode: Literal["a", "b"] = "a"
         weights: dict[str, float] | None = None
         pair: tuple[int, float] = (1, 2.0)
         names: list[str] = field(default_factory=list)
 
+    class Rich:
+        name, config, paper, params_per_layer = "test_rich", RichConfig, ("-", "-"), "-"
+        param_specs = staticmethod(lambda d_in, d_out, cfg: {})
+        forward = staticmethod(lambda a, x, y: y)
+
+    ll.register(Rich)
     yield RichConfig
-    config_module._CONFIGS.pop("test_rich", None)
+    ll.REGISTRY.pop("test_rich")
 
 
 def test_variant_config_annotations(rich):

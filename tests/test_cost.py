@@ -22,6 +22,7 @@ from lora_lite.cost.measure import (
 )
 from lora_lite.cost.peft_map import build_peft_model, peft_config
 from lora_lite.target import find_targets
+from variant_cases import CASES
 
 # tiny_qwen (conftest): hidden 64, 4 heads × 16, 2 kv heads, intermediate 128, 2 layers. Per layer (d_in, d_out):
 TINY_LINEARS = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]  # q k v o gate up down
@@ -70,7 +71,7 @@ def test_macs_agree_with_torch_flop_counter(cfg, elementwise):
 
 def test_every_registered_variant_counts_its_macs():
     for name, variant in ll.REGISTRY.items():
-        cfg = variant.config(r=4)
+        cfg = CASES[name].config("qwen")
         assert layer_added_macs(variant, 64, 128, cfg) > 0, name
 
 
@@ -110,7 +111,8 @@ def test_floor_is_the_adapter_step_without_an_adapter(tiny_qwen):
 def test_trainable_params_match_param_specs_and_peft(tiny_qwen):
     import copy
 
-    for spec in ("lora", "dora", "pissa", "hra", "delora", "ia3", "ia3_ff", "road:group_size=16"):
+    shared = [n for n, method in ll.REGISTRY.items() if hasattr(method, "peft")]
+    for spec in (f"{n}:group_size=16" if n == "road" else n for n in shared):
         cfg = parse_variant(spec, 4, None, (ll.ALL_LINEAR,))
         ours = copy.deepcopy(tiny_qwen)
         ll.attach(ours, cfg)
@@ -124,12 +126,16 @@ def test_trainable_params_match_param_specs_and_peft(tiny_qwen):
         assert trainable_params(peft_model) == by_spec, (spec, label)
 
 
-def test_peft_map_covers_the_shared_variants_only():
+def test_peft_map_reads_each_method_s_registration():
+    import peft
+
     assert peft_config(ll.LoRAConfig(r=4), ["q_proj"])[1] == "LoraConfig"
     assert peft_config(ll.PiSSAConfig(r=4, svd="lowrank", niter=3), ["q_proj"])[0].init_lora_weights == "pissa_niter_3"
-    unshared = [n for n in ll.REGISTRY if n not in ("lora", "dora", "pissa", "hra", "delora", "ia3", "ia3_ff", "road")]
-    for name in unshared:
-        assert peft_config(ll.REGISTRY[name].config(r=4), ["q_proj"]) is None, name
+    for name, method in ll.REGISTRY.items():
+        mapped = peft_config(method.config(), ["q_proj"])
+        assert (mapped is None) == (not hasattr(method, "peft")), name
+        if mapped is not None:
+            assert isinstance(mapped[0], peft.PeftConfig) and mapped[0].target_modules == {"q_proj"}, name
 
 
 def test_parse_variant_sets_fields_and_rejects_unknown_ones():

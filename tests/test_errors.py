@@ -9,19 +9,17 @@ import pytest
 import torch
 
 import lora_lite as ll
-import lora_lite.config as config_module
 from conftest import fresh_model
 from toy_models import ToyModel
 
 
 def ghost_config() -> ll.AdapterConfig:
-    """A config whose variant was never registered; its class is dropped again so no other test sees it."""
+    """A config naming a method that is not registered (as a config class whose module registered nothing)."""
 
     @dataclass
     class GhostConfig(ll.AdapterConfig):
         variant = "ghost"
 
-    config_module._CONFIGS.pop("ghost")
     return GhostConfig()
 
 
@@ -31,12 +29,12 @@ def snapshot(model):
 
 
 def traces(model) -> list[str]:
-    found = [] if not hasattr(model, "_lora_lite") else ["model._lora_lite"]
+    found = []
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks:
             found.append(f"{name}: hooks")
         found += [f"{name}.{a}" for a in vars(m) if a.startswith(("lora_", "_lora"))]
-        found += [f"{name}.{a}" for a in [*m._parameters, *m._buffers] if a.startswith("lora_")]
+        found += [f"{name}.{a}" for a in [*m._parameters, *m._buffers, *m._modules] if a.startswith("lora_")]
     return found
 
 
@@ -51,7 +49,7 @@ def assert_unchanged(model, before):
 
 # (config, exception type, words the message must contain)
 BAD = {
-    "unknown variant": (ghost_config, ll.UnknownVariantError, r"unknown variant 'ghost'.*registered"),
+    "unknown variant": (ghost_config, ll.UnknownVariantError, r"unknown method 'ghost'.*registered"),
     "no target": (lambda: ll.LoRAConfig(target_names=(r"no_such_layer$",)), ll.TargetError,
                   r"no target layers matched.*q_proj"),
     "lora r too large": (lambda: ll.LoRAConfig(r=40), ll.ConfigError, r"r=40 exceeds min\(d_in, d_out\)=32"),
@@ -105,7 +103,7 @@ def test_attach_twice_raises_and_keeps_the_first_adapter():
     state, flags = snapshot(model)
     hooks = {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for n, m in model.named_modules()}
     out = model(input_ids=x).logits
-    with pytest.raises(ll.AttachStateError, match=r"already carries an adapter.*detach") as info:
+    with pytest.raises(ll.AttachStateError, match=r"named 'default' is already attached.*detach") as info:
         ll.attach(model, ll.IA3Config())
     assert isinstance(info.value, ll.LoraLiteError)
     after = model.state_dict()

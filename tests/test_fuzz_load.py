@@ -130,11 +130,19 @@ layer_names = st.sampled_from([
 # weighted towards edits that keep the container valid, so most examples reach the metadata and model checks
 # (hypothesis favours the first element and small integers, so the gentlest edits come first)
 OPS = ["config"] * 5 + ["retarget"] * 2 + ["targets"] * 2 + ["meta"] * 2 + ["dtype", "shape", "offsets", "drop",
-                                                                          "rename", "copy"]
+                                                                          "rename", "copy", "name"]
 plausible = (st.integers(-4, 70) | st.floats(-100, 100) | st.sampled_from(["float32", "bfloat16", "int8", "lora"])
              | st.lists(st.sampled_from(["q_proj$", "v_proj", "(", "reader", "inner"]), max_size=2))
 CONFIG_FIELDS = ["variant", "r", "alpha", "dtype", "target_names", "exclude_names", "layers", "target_roles",
                  "lambda0", "group_size", "svd", "surprise"]
+
+
+def _adapters(meta) -> dict:
+    try:
+        adapters = json.loads(meta.get("adapters", "{}"))
+    except ValueError:
+        return {}
+    return adapters if isinstance(adapters, dict) else {}
 
 
 def mutate(draw_, header: dict, data: bytes) -> tuple[dict, bytes]:
@@ -142,6 +150,8 @@ def mutate(draw_, header: dict, data: bytes) -> tuple[dict, bytes]:
     tensors = sorted(k for k in header if k != "__metadata__")
     op = draw_(st.sampled_from(OPS))
     key = draw_(st.sampled_from(tensors)) if tensors else None
+    adapters = _adapters(meta)
+    entry = adapters.get("default") if isinstance(adapters.get("default"), dict) else None
     if op == "dtype" and key:
         header[key]["dtype"] = draw_(st.sampled_from(["F16", "BF16", "F64", "I8", "I64", "U8", "BOOL", "F8_E4M3"])
                                      | json_values)
@@ -152,32 +162,37 @@ def mutate(draw_, header: dict, data: bytes) -> tuple[dict, bytes]:
     elif op == "drop" and key:
         del header[key]
     elif op in ("rename", "copy") and key:
-        entry = header[key] if op == "copy" else header.pop(key)
-        header[draw_(layer_names) + "." + draw_(st.sampled_from(["lora_A", "lora_B", "lora_X"]))] = dict(entry)
+        moved = header[key] if op == "copy" else header.pop(key)
+        adapter = draw_(st.sampled_from(["default", "other", ""]))
+        header[f"{draw_(layer_names)}.lora_adapters.{adapter}." + draw_(st.sampled_from(["lora_A", "lora_B", "lora_X"]))] = dict(moved)
     elif op == "meta":
-        field = draw_(st.sampled_from(["format", "format_version", "config", "targets", "extra"]))
+        field = draw_(st.sampled_from(["format", "format_version", "adapters", "config", "extra"]))
         if draw_(st.booleans()):
             meta.pop(field, None)
         else:
             meta[field] = draw_(st.text(max_size=30) | json_values.map(json.dumps))
-    elif op == "config":
-        config = json.loads(meta["config"]) if "config" in meta else {}
+    elif op == "config" and entry is not None:
+        config = entry.get("config")
         if isinstance(config, dict):
             config[draw_(st.sampled_from(CONFIG_FIELDS))] = draw_(plausible | json_values)
-        meta["config"] = json.dumps(config)
-    elif op == "targets":
-        targets = json.loads(meta["targets"]) if "targets" in meta else []
+        meta["adapters"] = json.dumps(adapters)
+    elif op == "targets" and entry is not None:
+        targets = entry.get("targets")
         if isinstance(targets, list):
             if targets and draw_(st.booleans()):
                 targets.pop(draw_(st.integers(0, len(targets) - 1)))
             else:
                 targets.append(draw_(layer_names))
-        meta["targets"] = json.dumps(targets)
-    elif op == "retarget" and "targets" in meta:  # move one layer's tensors and target entry to another name
-        targets = json.loads(meta["targets"])
+        meta["adapters"] = json.dumps(adapters)
+    elif op == "name" and entry is not None:
+        adapters[draw_(st.sampled_from(["other", "", "a.b", "x" * 65]) | st.text(max_size=8))] = adapters.pop("default")
+        meta["adapters"] = json.dumps(adapters)
+    elif op == "retarget" and entry is not None:  # move one layer's tensors and target entry to another name
+        targets = entry.get("targets")
         if isinstance(targets, list) and targets and isinstance(targets[0], str):
             old, new = targets[0], draw_(layer_names)
-            meta["targets"] = json.dumps([new, *targets[1:]])
+            entry["targets"] = [new, *targets[1:]]
+            meta["adapters"] = json.dumps(adapters)
             for k in [k for k in header if k.startswith(old + ".")]:
                 header[new + k[len(old):]] = header.pop(k)
     if draw_(st.integers(0, 7)) == 5:  # sometimes the data is cut or padded as well
@@ -220,7 +235,7 @@ def test_tensor_values(env):
             assert error is None
         else:
             assert isinstance(error, ll.CheckpointError) and "NaN/inf" in str(error)
-        assert not hasattr(model, "_lora_lite")
+        assert ll.adapter_names(model) == []
     run()
     assert RUNS["values"] >= 80
 

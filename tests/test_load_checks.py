@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 
@@ -10,11 +9,22 @@ import pytest
 import torch
 
 import lora_lite as ll
-from adapter_files import SMALL, join, saved_adapter, split, with_config, with_metadata
+from adapter_files import (
+    SMALL,
+    adapters_meta,
+    join,
+    saved_adapter,
+    split,
+    with_config,
+    with_metadata,
+    with_targets,
+)
 from conftest import fresh_model, make_tiny_qwen
+from deploy_cases import perturb
 from lora_lite.io import read_adapter_file
-from lora_lite.runtime import get_state
+from lora_lite.runtime import adapter_config
 from model_state import assert_unchanged, fingerprint
+from variant_cases import CASES, attach_case
 
 
 @pytest.fixture(scope="module")
@@ -44,30 +54,29 @@ def test_valid_file_round_trips_bit_exactly(blob, model, tmp_path):
     path.write_bytes(blob)
     header, _ = split(blob)
     before = fingerprint(model)
-    ll.load(model, path)
-    _, _, tensors = read_adapter_file(path)
+    assert ll.load(model, path) == ["default"]
+    (_, _, tensors), = read_adapter_file(path).values()
     for key, t in tensors.items():
         name, tname = key.rsplit(".", 1)
-        assert torch.equal(getattr(model.get_submodule(name), tname), t)
+        assert torch.equal(getattr(model.get_submodule(name).lora_adapters.default, tname), t)
     assert len(tensors) == len(header) - 1 == 8
     ll.detach(model)
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("variant_cfg", [
-    ll.LoRAConfig(r=2), ll.PiSSAConfig(r=2), ll.DoRAConfig(r=2), ll.DeLoRAConfig(r=2), ll.HRAConfig(r=2),
-    ll.RoadConfig(group_size=16), ll.IA3Config(), ll.IA3FFConfig(), ll.LoRAConfig(r=2, dtype=torch.bfloat16),
-], ids=lambda c: c.variant + ("_bf16" if c.dtype else ""))
-def test_every_variant_saves_and_loads_to_the_same_outputs(variant_cfg, tmp_path):
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_method_reloads_to_the_outputs_of_the_model_that_was_saved(name, tmp_path):
     trained = fresh_model("qwen")
-    path = tmp_path / "a.safetensors"
-    path.write_bytes(saved_adapter(variant_cfg, trained))
-    x = torch.randint(0, 128, (1, 5))
+    attach_case(trained, name, "qwen")
+    perturb(trained, std=0.05)
+    path = ll.save(trained, tmp_path / "a.safetensors")
+    x = torch.randint(0, 128, (2, 5))
     loaded = fresh_model("qwen")
     ll.load(loaded, path)
-    ll.load(trained, path)
     with torch.no_grad():
-        assert torch.equal(loaded(x).logits, trained(x).logits)
+        expected, got = trained(x).logits, loaded(x).logits
+    assert not torch.equal(expected, fresh_model("qwen")(x).logits.detach()), "the adapter must move the outputs"
+    assert torch.equal(got, expected)
 
 
 def test_paths_that_are_not_files(model, tmp_path):
@@ -140,23 +149,40 @@ def test_non_finite_values_are_refused(blob, model, tmp_path, value):
     (dict(format=None), "not a lora-lite adapter"),
     (dict(format="peft"), "not a lora-lite adapter"),
     (dict(format_version=None), "format_version None"),
-    (dict(format_version="2"), "format_version '2'"),
-    (dict(config=None), "lacks the 'config'"),
-    (dict(targets=None), "lacks the 'targets'"),
-    (dict(config="{"), "config metadata is not valid JSON"),
-    (dict(config="[" * 100_000 + "]" * 100_000), "not valid JSON"),   # nesting bomb
-    (dict(config=[1, 2]), "must be a dict"),
-    (dict(targets="model.layers.0"), "not valid JSON"),
-    (dict(targets={"a": 1}), "expected a non-empty list"),
-    (dict(targets=[]), "expected a non-empty list"),
-    (dict(targets=["model.layers.0.self_attn.q_proj"] * 2), "names a module twice"),
+    (dict(format_version="3"), "format_version '3'"),
+    (dict(adapters=None), "lacks the 'adapters'"),
+    (dict(adapters="{"), "adapters metadata is not valid JSON"),
+    (dict(adapters="[" * 100_000 + "]" * 100_000), "not valid JSON"),   # nesting bomb
+    (dict(adapters=[1, 2]), "expected an object of adapters"),
+    (dict(adapters={}), "expected an object of adapters"),
+    (dict(adapters={"default": 1}), "must be an object with keys"),
+    (dict(format_version="1"), "lacks the 'config'"),
 ])
 def test_bad_metadata(blob, model, tmp_path, meta, match):
     refuse(model, tmp_path / "a.safetensors", with_metadata(blob, **meta), match=match)
 
 
+@pytest.mark.parametrize("targets,match", [
+    ("model.layers.0", "expected a non-empty list"),
+    ({"a": 1}, "expected a non-empty list"),
+    ([], "expected a non-empty list"),
+    (["model.layers.0.self_attn.q_proj"] * 2, "names a module twice"),
+])
+def test_bad_targets(blob, model, tmp_path, targets, match):
+    refuse(model, tmp_path / "a.safetensors", with_targets(blob, targets), match=match)
+
+
+def test_adapter_names_and_keys_must_agree(blob, model, tmp_path):
+    adapters = adapters_meta(blob)
+    renamed = with_metadata(blob, adapters={"bad.name": adapters["default"]})
+    refuse(model, tmp_path / "a.safetensors", renamed, match="is not 1-64 letters")
+    other = with_metadata(blob, adapters={"other": adapters["default"]})
+    refuse(model, tmp_path / "a.safetensors", other, match="adapter in its metadata")
+
+
 @pytest.mark.parametrize("fields,error,match", [
     (dict(variant="no_such_variant"), ll.UnknownVariantError, "not registered"),
+    (dict(variant="ia3"), ll.CheckpointError, "unknown fields \\['alpha', 'r'\\]"),
     (dict(variant=...), ll.CheckpointError, "no 'variant' string"),
     (dict(r="2"), ll.CheckpointError, "LoRAConfig.r must be int"),
     (dict(r=True), ll.CheckpointError, "LoRAConfig.r must be int"),
@@ -186,16 +212,15 @@ def test_lists_are_accepted_where_tuples_are_declared(blob, model, tmp_path):
     path = tmp_path / "a.safetensors"
     path.write_bytes(with_config(blob, layers=[0, 1], target_roles=[]))
     ll.load(model, path)
-    assert get_state(model).cfg.layers == (0, 1) and get_state(model).cfg.target_roles == ()
+    assert adapter_config(model).layers == (0, 1) and adapter_config(model).target_roles == ()
     ll.detach(model)
 
 
 def _rename_layer(blob, old, new):
     header, data = split(blob)
     header = {k.replace(old, new): v for k, v in header.items()}
-    targets = [t.replace(old, new) for t in json.loads(header["__metadata__"]["targets"])]
-    header["__metadata__"]["targets"] = json.dumps(targets)
-    return join(header, data)
+    targets = [t.replace(old, new) for t in adapters_meta(blob)["default"]["targets"]]
+    return with_targets(join(header, data), targets)
 
 
 @pytest.mark.parametrize("old,new,match", [
@@ -218,8 +243,8 @@ def test_tensor_keys_must_match_targets(blob, model, tmp_path):
 def test_mixed_dtypes_within_a_layer(model, tmp_path):
     trained = fresh_model("qwen")
     ll.attach(trained, ll.LoRAConfig(**SMALL))
-    layer = trained.get_submodule("model.layers.0.self_attn.q_proj")
-    layer.lora_B.data = layer.lora_B.data.double()
+    adapter = trained.get_submodule("model.layers.0.self_attn.q_proj").lora_adapters.default
+    adapter.lora_B.data = adapter.lora_B.data.double()
     ll.save(trained, tmp_path / "a.safetensors")
     refuse(model, tmp_path / "a.safetensors", None, match="have dtypes .*float32.*float64")
 
@@ -231,15 +256,17 @@ def test_file_for_a_deeper_model(model, tmp_path):
     refuse(model, path, None, match="layers.2.* not a linear layer of this model")
 
 
-def test_load_onto_a_model_that_has_an_adapter(blob, model, tmp_path):
+def test_load_onto_a_model_that_has_an_adapter_of_that_name(blob, model, tmp_path):
     path = tmp_path / "a.safetensors"
     path.write_bytes(blob)
     ll.attach(model, ll.IA3Config())
-    try:
-        with pytest.raises(ll.AttachStateError, match="detach"):
-            ll.load(model, path)
-    finally:
-        ll.detach(model)
+    before = fingerprint(model)
+    with pytest.raises(ll.AttachStateError, match="already attached; pick another name"):
+        ll.load(model, path)
+    assert fingerprint(model)["modules"] == before["modules"]
+    assert ll.load(model, path, name="second") == ["second"]
+    assert ll.adapter_names(model) == ["default", "second"]
+    ll.detach(model)
 
 
 @pytest.mark.timeout(60)

@@ -1,6 +1,7 @@
 """Parity with HF PEFT (0.21.x) for every variant we share with it.
 
-Same base (tiny Qwen3 with random biases, fp32), same adapter tensors: ours are set to random non-identity
+Same base (tiny Qwen3 with random biases, fp32), PEFT's model built from the equivalent each method registers
+(`peft` in its file, through lora_lite.cost.peft_map), same adapter tensors: ours are set to random non-identity
 values (pairs broken, gates away from 1) and copied into PEFT's modules, mapping names and layouts (PEFT's
 hra_u is our lora_U transposed, its ia3_l is (d_out, 1) or (1, d_in)). Logits and the gradient of every adapter
 tensor must agree within 1e-5 relative. The largest absolute differences are printed in the terminal summary.
@@ -17,6 +18,7 @@ import torch
 
 import lora_lite as ll
 from conftest import fresh_model
+from lora_lite.cost.peft_map import build_peft_model
 from variant_cases import gsm8k_batches
 
 peft = pytest.importorskip("peft")
@@ -29,7 +31,6 @@ MAX_DIFFS: dict[str, tuple[float, float]] = {}  # id -> (logits, grads)
 @dataclass(frozen=True)
 class Pair:
     ours: Callable[[], ll.AdapterConfig]
-    theirs: Callable[[], object]
     # our tensor name -> (PEFT's module-attribute name, ours->theirs layout, theirs->ours layout)
     tensors: dict[str, tuple[str, Callable, Callable]]
     randomize: Callable[[str, torch.Tensor, torch.nn.Module], torch.Tensor]
@@ -45,7 +46,7 @@ def factors(tname, t, layer):
 
 def dora_values(tname, t, layer):
     if tname == "lora_m":
-        return layer.weight.norm(dim=1) * (1 + 0.2 * torch.randn_like(t))
+        return layer.base.weight.norm(dim=1) * (1 + 0.2 * torch.randn_like(t))
     return factors(tname, t, layer)
 
 
@@ -66,36 +67,31 @@ LORA_AB = {"lora_A": ("lora_A", same, same), "lora_B": ("lora_B", same, same)}
 
 def road_pair(variant):
     return Pair(lambda: ll.RoadConfig(road_variant=variant, group_size=8),
-                lambda: peft.RoadConfig(variant=variant, group_size=8, target_modules=LINEAR),
                 {"lora_road_theta": ("road_theta", same, same), "lora_road_alpha": ("road_alpha", same, same)},
                 road_values)
 
 
 PAIRS = {
-    "lora": Pair(lambda: ll.LoRAConfig(r=4, alpha=5),
-                 lambda: peft.LoraConfig(r=4, lora_alpha=5, target_modules=LINEAR), LORA_AB, factors),
-    "dora": Pair(lambda: ll.DoRAConfig(r=4, alpha=5),
-                 lambda: peft.LoraConfig(r=4, lora_alpha=5, target_modules=LINEAR, use_dora=True),
-                 {**LORA_AB, "lora_m": ("lora_magnitude_vector", same, same)}, dora_values),
-    "pissa": Pair(lambda: ll.PiSSAConfig(r=4, alpha=5, svd="full"),  # PEFT's "pissa" is the exact SVD
-                  lambda: peft.LoraConfig(r=4, lora_alpha=5, target_modules=LINEAR, init_lora_weights="pissa"),
-                  LORA_AB, factors),
+    "lora": Pair(lambda: ll.LoRAConfig(r=4, alpha=5), LORA_AB, factors),
+    "dora": Pair(lambda: ll.DoRAConfig(r=4, alpha=5), {**LORA_AB, "lora_m": ("lora_magnitude_vector", same, same)},
+                 dora_values),
+    "pissa": Pair(lambda: ll.PiSSAConfig(r=4, alpha=5, svd="full"), LORA_AB, factors),  # PEFT's "pissa": exact SVD
     "delora": Pair(lambda: ll.DeLoRAConfig(r=4, lambda0=1.0),
-                   lambda: peft.DeloraConfig(r=4, delora_lambda=1, target_modules=LINEAR),
                    {"lora_A": ("delora_A", same, same), "lora_B": ("delora_B", same, same),
                     "lora_lambda": ("delora_lambda", same, same)}, delora_values),
-    "ia3": Pair(lambda: ll.IA3Config(),
-                lambda: peft.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[]),
-                {"lora_g": ("ia3_l", lambda t: t[:, None], lambda t: t[:, 0])}, gate_values),
-    "ia3_ff": Pair(lambda: ll.IA3FFConfig(),
-                   lambda: peft.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]),
-                   {"lora_g": ("ia3_l", lambda t: t[None, :], lambda t: t[0])}, gate_values),
-    "hra": Pair(lambda: ll.HRAConfig(r=4), lambda: peft.HRAConfig(r=4, target_modules=LINEAR),
-                {"lora_U": ("hra_u", lambda t: t.T, lambda t: t.T)}, lambda n, t, layer: torch.randn_like(t)),
+    "ia3": Pair(lambda: ll.IA3Config(), {"lora_g": ("ia3_l", lambda t: t[:, None], lambda t: t[:, 0])}, gate_values),
+    "ia3_ff": Pair(lambda: ll.IA3FFConfig(), {"lora_g": ("ia3_l", lambda t: t[None, :], lambda t: t[0])}, gate_values),
+    "hra": Pair(lambda: ll.HRAConfig(r=4), {"lora_U": ("hra_u", lambda t: t.T, lambda t: t.T)},
+                lambda n, t, layer: torch.randn_like(t)),
     "road_1": road_pair("road_1"),
     "road_2": road_pair("road_2"),
     "road_4": road_pair("road_4"),
 }
+
+
+def test_every_method_with_a_peft_equivalent_has_a_parity_pair():
+    shared = {name for name, method in ll.REGISTRY.items() if hasattr(method, "peft")}
+    assert {pair.ours().variant for pair in PAIRS.values()} == shared
 
 
 def forward_backward(model, batch):
@@ -135,22 +131,22 @@ def test_matches_peft(key, summary):
     batch = {**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
     ours = copy.deepcopy(base)
     ll.attach(ours, pair.ours())
-    theirs = peft.get_peft_model(copy.deepcopy(base), pair.theirs())
     layers = ll.runtime.adapter_layers(ours)
     assert layers, "no adapted layers"
+    theirs, _ = build_peft_model(copy.deepcopy(base), pair.ours(), list(layers))
 
     if key == "pissa":  # PEFT's own init must give our W_res and factors
         init_diff = 0.0
         for name, layer in layers.items():
             peft_layer = theirs.base_model.model.get_submodule(name)
-            for ours_t, theirs_t in ((layer.weight, peft_layer.base_layer.weight),
+            for ours_t, theirs_t in ((layer.base.weight, peft_layer.base_layer.weight),
                                      (layer.lora_A, peft_layer.lora_A["default"].weight),
                                      (layer.lora_B, peft_layer.lora_B["default"].weight)):
                 diff, rel = rel_err(ours_t, theirs_t)
                 init_diff = max(init_diff, diff)
                 assert rel <= RTOL, f"pissa init of {name} differs from PEFT's by {diff:.3g}"
             with torch.no_grad():  # the same residual on both sides, so only the adapter forward is compared
-                peft_layer.base_layer.weight.copy_(layer.weight)
+                peft_layer.base_layer.weight.copy_(layer.base.weight)
         summary["pissa init"] = (init_diff, float("nan"))
 
     torch.manual_seed(1)

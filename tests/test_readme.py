@@ -19,3 +19,14 @@ def test_quickstart_runs_offline_and_reloads_exactly(tmp_path):
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", out.stdout)]
     assert len(losses) == 2 and losses[1] < losses[0], out.stdout
     assert (tmp_path / "adapter.safetensors").is_file()
+
+
+def test_several_adapters_section_runs_after_the_quickstart(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    quickstart = next(b for b in blocks if "ll.attach" in b and "ll.load" in b)
+    several = next(b for b in blocks if "ll.per_row" in b)
+    script = tmp_path / "several.py"
+    script.write_text(quickstart + "\n" + several + "\nprint('adapters:', ll.adapter_names(model))\n")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "adapters: ['math', 'math_07']" in out.stdout

@@ -9,7 +9,9 @@ import torch
 import lora_lite as ll
 from conftest import fresh_model
 from lora_lite.runtime import adapter_layers
+from lora_lite.variant import hook_only_methods
 from toy_models import ToyModel
+from variant_cases import CASES, needs_calibration
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -60,19 +62,17 @@ def test_structural_matching_admits_a_linear_like_layer():
     assert found == sorted(f"layers.{i}.{p}" for i in range(2) for p in ("q_proj", "o_proj", "up_proj", "down_proj"))
 
 
-HOOK_ONLY = {
-    "lora": ll.LoRAConfig(r=2), "delora": ll.DeLoRAConfig(r=2, lambda0=1.0), "ia3": ll.IA3Config(target_names=()),
-    "ia3_ff": ll.IA3FFConfig(), "hra": ll.HRAConfig(r=2), "road": ll.RoadConfig(group_size=4),
-}
-
-
-@pytest.mark.parametrize("name", sorted(HOOK_ONLY))
-def test_hook_only_variants_train_on_a_linear_like_layer(name):
+@pytest.mark.parametrize("name", hook_only_methods())
+def test_hook_only_methods_train_on_a_linear_like_layer(name):
+    """Methods that never need a dense weight (so bitsandbytes layers can take them) run on any linear-like layer."""
     model = ToyModel()
     x = torch.randn(2, 3, 16)
     base = model(x)
-    ll.attach(model, HOOK_ONLY[name])
-    assert all(type(layer).__name__ == "LinearLike" for layer in adapter_layers(model).values())
+    cfg = CASES[name].config("toy")
+    cfg.target_names = (ll.ALL_LINEAR,)
+    calibration = [torch.randn(2, 8, 16)] if needs_calibration(name) else None
+    ll.attach(model, cfg, calibration_data=calibration)
+    assert all(type(a.base).__name__ == "LinearLike" for a in adapter_layers(model).values())
     out = model(x)
     assert torch.allclose(out, base, rtol=0, atol=1e-6)
     out.square().sum().backward()

@@ -15,10 +15,9 @@ from torch import nn
 
 import lora_lite as ll
 from conftest import fresh_model
-from lora_lite import config as config_module
 from lora_lite import runtime
 from lora_lite.variant import ParamSpec
-from lora_lite.variants import PiSSA, PiSSAConfig
+from lora_lite.variants.pissa import PiSSA, PiSSAConfig
 from model_state import assert_unchanged, fingerprint
 
 FAULT = {"stage": None, "after": 0, "calls": 0, "exc": RuntimeError}
@@ -29,6 +28,7 @@ def _maybe_fail(stage):
         return
     FAULT["calls"] += 1
     if FAULT["calls"] > FAULT["after"]:
+        FAULT["stage"] = "fired"  # once: the rollback passes through the same code
         raise FAULT["exc"](f"injected failure in {stage}")
 
 
@@ -45,6 +45,8 @@ class FaultyConfig(PiSSAConfig):
 class Faulty:
     name = "test_faulty"
     config = FaultyConfig
+    paper = ("test", "-")
+    params_per_layer = "r·(d_in + d_out)"
     needs_dense_weight = True
     forward = staticmethod(PiSSA.forward)
 
@@ -54,26 +56,26 @@ class Faulty:
 
     @staticmethod
     @torch.no_grad()
-    def init(layer, cfg):
+    def init(a):
         """PiSSA's layout with random factors instead of an SVD (slow under CPU contention, and not under test)."""
         for name in ("lora_A", "lora_B"):
-            getattr(layer, name + "0").normal_(0, 0.1)
-            getattr(layer, name).copy_(getattr(layer, name + "0"))
+            getattr(a, name + "0").normal_(0, 0.1)
+            getattr(a, name).copy_(getattr(a, name + "0"))
         _maybe_fail("init")
 
     @staticmethod
-    def base_delta(layer):
+    def base_delta(a):
         _maybe_fail("base_delta")
-        return PiSSA.base_delta(layer)
+        return PiSSA.base_delta(a)
 
     @staticmethod
-    def group_init(model, targets, cfg, data):
+    def group_init(model, adapters, cfg, data):
         """Misbehaves on purpose before failing: its own hook, attributes, a buffer, a flag, train mode."""
         if FAULT["stage"] != "group_init":
             return
         model.model.layers[0].register_forward_hook(lambda *a: None)
         model.model.layers[0].register_forward_pre_hook(lambda *a: None)
-        name, layer = targets[0]
+        layer = adapters[0].base
         layer.register_buffer("calibration_stats", torch.ones(3))
         layer.scratch = torch.zeros(2)
         model.calibrated = True
@@ -88,7 +90,6 @@ def faulty():
     FAULT.update(stage=None, after=0, calls=0, exc=RuntimeError)
     yield
     ll.REGISTRY.pop(Faulty.name, None)
-    config_module._CONFIGS.pop(FaultyConfig.variant, None)
 
 
 def _model():
@@ -107,7 +108,7 @@ def test_faulty_variant_works_when_no_fault(faulty):
     with torch.no_grad():
         y0 = model(x).logits
         ll.attach(model, FaultyConfig(**CFG))
-        assert len(runtime.get_state(model).layers) == 14
+        assert len(runtime.adapter_layers(model)) == 14
         torch.testing.assert_close(model(x).logits, y0, atol=1e-4, rtol=0)  # PiSSA identity
     ll.detach(model)
     assert_unchanged(model, before)
@@ -125,12 +126,12 @@ def test_faulty_variant_works_when_no_fault(faulty):
 def test_failure_at_any_stage_leaves_model_identical(faulty, monkeypatch, stage, after, exc):
     FAULT.update(stage=stage, after=after, exc=exc)
     if stage == "hook":
-        register = runtime._register_hook
+        sync = runtime._sync_hooks
 
-        def failing_register(layer, variant, state):
+        def failing_sync(layer):
             _maybe_fail("hook")
-            return register(layer, variant, state)
-        monkeypatch.setattr(runtime, "_register_hook", failing_register)
+            return sync(layer)
+        monkeypatch.setattr(runtime, "_sync_hooks", failing_sync)
     model = _model()
     before = fingerprint(model)
     with pytest.raises(exc, match="injected failure"):
@@ -189,10 +190,41 @@ def test_calibration_variant_without_data_touches_nothing(faulty):
         del Faulty.requires_calibration
 
 
-def test_second_attach_is_refused_and_keeps_the_first(faulty):
+def test_a_second_name_attaches_and_the_same_name_is_refused_untouched():
     model = _model()
     ll.attach(model, ll.LoRAConfig(r=2))
-    state = runtime.get_state(model)
-    with pytest.raises(ll.AttachStateError, match="detach"):
+    before = fingerprint(model)
+    with pytest.raises(ll.AttachStateError, match="already attached; pick another name"):
         ll.attach(model, ll.LoRAConfig(r=4))
-    assert runtime.get_state(model) is state and len(state.handles) == len(state.layers)
+    assert_unchanged_modules(model, before)
+    ll.attach(model, ll.LoRAConfig(r=4), name="second")
+    assert ll.adapter_names(model) == ["default", "second"]
+
+
+def assert_unchanged_modules(model, before):
+    after = fingerprint(model)
+    assert after["modules"] == before["modules"] and after["params"] == before["params"]
+
+
+def test_attaching_below_or_above_an_adapted_module_follows_the_same_rules():
+    """A sub-module and the whole model are one model: one name once, one weight-rewriting adapter per layer."""
+    model = _model()
+    block = model.model.layers[0]
+    ll.attach(block, ll.LoRAConfig(r=2))
+    before = fingerprint(model)
+    with pytest.raises(ll.AttachStateError, match="already"):
+        ll.attach(model, ll.LoRAConfig(r=2))  # above: the whole model, same name
+    assert_unchanged_modules(model, before)
+    ll.attach(model, ll.PiSSAConfig(r=2), name="pissa")  # above, another name: allowed
+    before = fingerprint(model)
+    with pytest.raises(ll.AttachStateError, match="rewrites its weight"):
+        ll.attach(block, ll.PiSSAConfig(r=2), name="pissa2")  # below: a second W-rewriting adapter on a layer
+    assert_unchanged_modules(model, before)
+    assert ll.adapter_names(model) == ["default", "pissa"] and ll.adapter_names(block) == ["default", "pissa"]
+
+
+def test_one_module_under_two_names_is_adapted_once():
+    model = _model()
+    model.model.alias = model.model.layers[0].self_attn.q_proj  # the same module registered twice
+    added = ll.attach(model, ll.LoRAConfig(r=2, target_names=(r"q_proj$", r"alias$")))
+    assert len(added) == 2 and len({id(a.base) for a in added}) == 2  # layers 0 and 1, layer 0 once

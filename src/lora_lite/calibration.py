@@ -31,9 +31,9 @@ def call_model(model: nn.Module, batch):
     return model(batch)
 
 
-def input_moments(model: nn.Module, targets: list[tuple[str, nn.Module]], data: Iterable | None, *,
-                  min_tokens: int, variant: str, diagonal: bool = False) -> dict[str, torch.Tensor]:
-    """Return {name: C} with C = E[x xᵀ] (fp32, CPU) over the non-padding calibration tokens of each target.
+def input_moments(model: nn.Module, layers: list[nn.Module], data: Iterable | None, *, min_tokens: int,
+                  variant: str, diagonal: bool = False) -> list[torch.Tensor]:
+    """Per layer (in order), C = E[x xᵀ] (fp32, CPU) over the non-padding calibration tokens of its input.
 
     diagonal=True keeps only diag(C) = E[x²] (d_in,), for statistics that need no cross terms (ASVD).
     """
@@ -41,23 +41,25 @@ def input_moments(model: nn.Module, targets: list[tuple[str, nn.Module]], data: 
         raise CalibrationError(f"{variant} initialises from data but got calibration_data=None; pass "
                                "calibration_data=[batch, ...] (model inputs, e.g. dicts with input_ids and "
                                "attention_mask) to attach()")
+    names = {id(m): n for n, m in model.named_modules()}
     shape = (lambda d: (d,)) if diagonal else (lambda d: (d, d))
-    grams = {name: torch.zeros(shape(layer.in_features)) for name, layer in targets}
-    counts = dict.fromkeys(grams, 0)
+    grams = [torch.zeros(shape(int(layer.in_features))) for layer in layers]
+    counts = [0] * len(layers)
     step = {"mask": None, "x": None, "gram": None}  # current batch's mask; last input and its product
 
-    def make_hook(name):
+    def make_hook(i, name):
         def hook(module, args):
             x = args[0]
             if step["x"] is not x:  # q/k/v (and gate/up) are called one after another on the same tensor
                 step["x"], step["gram"] = x, _gram(x, step["mask"], name, diagonal)
             gram, n = step["gram"]
-            grams[name].add_(gram)
-            counts[name] += n
+            grams[i].add_(gram)
+            counts[i] += n
         return hook
 
     modes = [(m, m.training) for m in model.modules()]
-    handles = [layer.register_forward_pre_hook(make_hook(name)) for name, layer in targets]
+    handles = [layer.register_forward_pre_hook(make_hook(i, names.get(id(layer), "?")))
+               for i, layer in enumerate(layers)]
     try:
         model.eval()
         with torch.no_grad():
@@ -70,11 +72,11 @@ def input_moments(model: nn.Module, targets: list[tuple[str, nn.Module]], data: 
             h.remove()
         for m, training in modes:
             m.training = training
-    for name, n in counts.items():
+    for layer, n in zip(layers, counts, strict=True):
         if n < min_tokens:
-            raise CalibrationError(f"{variant}: layer {name!r} saw {n} non-padding calibration tokens, fewer than "
-                                   f"r={min_tokens}; pass more or longer calibration batches, or lower r")
-    return {name: grams[name] / counts[name] for name in grams}
+            raise CalibrationError(f"{variant}: layer {names.get(id(layer), '?')!r} saw {n} non-padding calibration "
+                                   f"tokens, fewer than r={min_tokens}; pass more or longer calibration batches, or lower r")
+    return [g / n for g, n in zip(grams, counts, strict=True)]
 
 
 def _gram(x: torch.Tensor, mask: torch.Tensor | None, name: str, diagonal: bool) -> tuple[torch.Tensor, int]:

@@ -31,7 +31,7 @@ from torch import nn
 
 from .errors import DistributedError
 from .io import write_adapter
-from .runtime import _apply_residual, adapter_layers, get_state
+from .runtime import CONTAINER, adapter_layers, adapters_by_name, apply_residual, iter_adapters
 
 
 def is_distributed() -> bool:
@@ -192,20 +192,21 @@ def _map_tensors(obj, fn):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module that carries the adapter, under DDP / DataParallel / FSDP1 / DeepSpeed (.module) or torch.compile."""
-    while get_state(model) is None:
+    """The module inside DDP / DataParallel / FSDP1 / DeepSpeed (.module) or torch.compile (._orig_mod) wrappers:
+    unwrapped for as long as the inner module holds every adapter the wrapper does."""
+    while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            break
+        if not isinstance(inner, nn.Module) or len(iter_adapters(inner)) != len(iter_adapters(model)):
+            return model
         model = inner
-    return model
 
 
 @torch.no_grad()
 def broadcast_adapter(model: nn.Module, src: int = 0) -> None:
-    """Copy every `lora_*` tensor (parameters and buffers, so data-driven init results too) from rank `src` to all.
+    """Copy every `lora_*` tensor of every adapter (parameters and buffers, so data-driven init results too) from
+    rank `src` to all.
 
-    Call it after attach and before wrapping, on every rank. Weight-rewriting variants (PiSSA, ...) then rewrite W
+    Call it after attach and before wrapping, on every rank. Weight-rewriting methods (PiSSA, ...) then rewrite W
     from the received tensors, so W agrees too (given the same base weights). DDP(model) also broadcasts all
     parameters and buffers from rank 0 when it is built; FSDP2, DeepSpeed and unwrapped evaluation do not.
     """
@@ -215,9 +216,9 @@ def broadcast_adapter(model: nn.Module, src: int = 0) -> None:
         raise DistributedError(f"broadcast_adapter got a {type(model).__name__} wrapper; call it on the bare model "
                                "after attach and before DDP/FSDP wrapping (the wrapper only manages tensors that "
                                "exist when it is built)")
-    layers = adapter_layers(model)
-    signature = [(name, tname, tuple(getattr(layer, tname).shape), str(getattr(layer, tname).dtype))
-                 for name, layer in layers.items() for tname in layer._lora_tensor_names]
+    adapters = [(lname, a) for name in adapters_by_name(model) for lname, a in adapter_layers(model, name).items()]
+    signature = [(lname, a.name, tname, tuple(getattr(a, tname).shape), str(getattr(a, tname).dtype))
+                 for lname, a in adapters for tname in a.tensor_names]
     signatures = [None] * world_size()
     dist.all_gather_object(signatures, signature)
     for r, other in enumerate(signatures):
@@ -225,45 +226,57 @@ def broadcast_adapter(model: nn.Module, src: int = 0) -> None:
             diff = sorted(set(other) ^ set(signatures[src]))[:3]
             raise DistributedError(f"rank {r} attached a different adapter than rank {src} (first differences: "
                                    f"{diff}); attach the same config with the same calibration data on every rank")
-    for layer in layers.values():
-        for tname in layer._lora_tensor_names:
-            t = getattr(layer, tname)
-            if _is_dtensor(t) or _is_dtensor(layer.weight):
+    for _, a in adapters:
+        for tname in a.tensor_names:
+            t = getattr(a, tname)
+            if _is_dtensor(t) or _is_dtensor(a.base.weight):
                 raise DistributedError("broadcast_adapter found sharded (DTensor) weights; attach, then call it, "
                                        "and only then fully_shard the model (FSDP2 only manages tensors that exist "
                                        "when it shards the module)")
             dist.broadcast(t.data, src)
-        _apply_residual(layer)
+        if a.residual_applied:
+            apply_residual(a)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"  # by name: its module moved between torch releases
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full CPU copies of the adapter tensors, keyed like save() keys them. Collective under FSDP2: call on all ranks."""
+def adapter_entries(model: nn.Module, name: str | None = None) -> dict:
+    """{adapter name: (config, targets, full CPU tensors keyed `<layer>.<lora tensor>`)} for one adapter (None: all),
+    as io.write_adapter takes it. Collective under FSDP2: call on all ranks."""
+    model = unwrap(model)
+    groups = adapters_by_name(model)
     out = {}
-    for name, layer in adapter_layers(unwrap(model)).items():
-        specs = layer._lora_variant.param_specs(int(layer.in_features), int(layer.out_features), layer._lora_cfg)
-        for tname in layer._lora_tensor_names:
-            t = getattr(layer, tname).detach()
-            if _is_dtensor(t):
-                t = t.full_tensor()
-            if tuple(t.shape) != tuple(specs[tname].shape):
-                raise DistributedError(f"{name}.{tname} has shape {tuple(t.shape)}, expected {specs[tname].shape}: "
-                                       "it is a flattened FSDP1 shard. Call save inside "
-                                       "FSDP.summon_full_params(model, writeback=False), or use FSDP2 (fully_shard)")
-            out[f"{name}.{tname}"] = t.to("cpu").contiguous()
+    for n in [name] if name is not None else groups:
+        layers, tensors = adapter_layers(model, n), {}
+        for lname, a in layers.items():
+            specs = a.variant.param_specs(a.d_in, a.d_out, a.cfg)
+            for tname in a.tensor_names:
+                t = getattr(a, tname).detach()
+                if _is_dtensor(t):
+                    t = t.full_tensor()
+                if tuple(t.shape) != tuple(specs[tname].shape):
+                    raise DistributedError(f"{lname}.{tname} has shape {tuple(t.shape)}, expected {specs[tname].shape}: "
+                                           "it is a flattened FSDP1 shard. Call save inside "
+                                           "FSDP.summon_full_params(model, writeback=False), or use FSDP2 (fully_shard)")
+                tensors[f"{lname}.{tname}"] = t.to("cpu").contiguous()
+        out[n] = (groups[n][0].cfg, list(layers), tensors)
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike, src: int = 0) -> Path:
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the adapter tensors, keyed as save() writes them. Collective under FSDP2."""
+    return {f"{lname}.{CONTAINER}.{n}.{tname}": t for n, (_, _, tensors) in adapter_entries(model, name).items()
+            for key, t in tensors.items() for lname, tname in [key.rsplit(".", 1)]}
+
+
+def save(model: nn.Module, path: str | os.PathLike, src: int = 0, name: str | None = None) -> Path:
     """lora_lite.save for a model under DDP, FSDP2 or none: every rank calls it, rank `src` writes the file,
     and every rank returns once the file is complete."""
-    tensors = adapter_state_dict(model)
-    state = get_state(unwrap(model))
+    entries = adapter_entries(model, name)
     path = Path(path)
     if rank() == src:
-        write_adapter(path, state.cfg, list(state.layers), tensors)
+        write_adapter(path, entries)
     barrier()
     return path

@@ -1,10 +1,12 @@
 """save / load: adapter files are safetensors, so loading never runs code.
 
-Layout: one tensor per adapter tensor, keyed by its full module path (`model.layers.0.self_attn.q_proj.lora_A`),
-plus string metadata:
-    format       "lora-lite"     format_version  "1"
-    config       the variant config as JSON (AdapterConfig.to_dict)
-    targets      JSON list of the adapted module names
+Format v2 (what save writes): one tensor per adapter tensor, keyed by its path in the model's state dict,
+`<layer>.lora_adapters.<adapter name>.<lora tensor>` (e.g. `model.layers.0.self_attn.q_proj.lora_adapters.
+default.lora_A`), plus string metadata:
+    format       "lora-lite"     format_version  "2"
+    adapters     JSON object {adapter name: {"config": AdapterConfig.to_dict(), "targets": [layer names]}}
+A file holds one adapter or several. Format v1 (lora-lite before core v2: one adapter, keys
+`<layer>.<lora tensor>`, metadata `config` and `targets`) still loads, as an adapter named "default".
 
 Data-driven and SVD inits store what they computed (as frozen `lora_*` buffers), so load() never needs
 calibration data and never recomputes an SVD. The file is untrusted: lora_lite.validate checks its header,
@@ -32,33 +34,59 @@ from torch import nn
 from . import validate
 from .config import AdapterConfig
 from .errors import AttachStateError, CheckpointError
-from .runtime import _attach, get_state, variant_of
+from .runtime import (
+    CONTAINER,
+    FROZEN_ATTR,
+    adapter_layers,
+    adapters_by_name,
+    check_new_name,
+    install,
+    remove_adapters,
+    variant_of,
+)
+from .transaction import ModelSnapshot
 from .validate import FORMAT, FORMAT_VERSION
 
+# What one adapter in a file is: its config, its target layer names and its tensors keyed `<layer>.<lora tensor>`.
+Entry = tuple[AdapterConfig, list[str], dict[str, torch.Tensor]]
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the attached adapter to `path` (a .safetensors file), atomically."""
-    state = get_state(model)
-    if state is None:
+
+def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Write the model's adapters (None: every one, each under its name; else just `name`) to `path`, atomically.
+
+    Refuses (and leaves any file at `path` as it was) when a tensor holds NaN or inf.
+    """
+    groups = adapters_by_name(model)
+    if not groups:
         raise AttachStateError("save() found no adapter on this model; attach or load one first")
-    path = Path(path)
-    tensors = {}
-    for name, layer in state.layers.items():
-        for tname in layer._lora_tensor_names:
-            tensors[f"{name}.{tname}"] = getattr(layer, tname).detach().to("cpu").contiguous()
-    return write_adapter(path, state.cfg, list(state.layers), tensors)
+    if name is not None and name not in groups:
+        raise AttachStateError(f"save(): no adapter named {name!r} on this model; attached: {list(groups)}")
+    entries = {}
+    for n in [name] if name is not None else groups:
+        layers = adapter_layers(model, n)
+        tensors = {f"{lname}.{t}": getattr(a, t).detach().to("cpu").contiguous()
+                   for lname, a in layers.items() for t in a.tensor_names}
+        entries[n] = (groups[n][0].cfg, list(layers), tensors)
+    return write_adapter(Path(path), entries)
 
 
-def write_adapter(path: Path, cfg: AdapterConfig, targets: list[str], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write adapter tensors (CPU, keyed `<module>.<lora_name>`) with their config and target names, atomically."""
+def write_adapter(path: Path, entries: dict[str, Entry]) -> Path:
+    """Write {adapter name: (config, targets, tensors)} as one format-v2 file, atomically."""
     if path.is_dir():
         raise CheckpointError(f"save() target {str(path)!r} is a directory; pass a file path such as "
                               f"{str(path / 'adapter.safetensors')!r}")
-    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json(),
-                "targets": json.dumps(targets)}
+    flat = {}
+    for n, (_, _, tensors) in entries.items():
+        validate.check_finite(tensors, path, writing=True)
+        for key, t in tensors.items():
+            lname, tname = key.rsplit(".", 1)
+            flat[f"{lname}.{CONTAINER}.{n}.{tname}"] = t
+    adapters = {n: {"config": cfg.to_dict(), "targets": targets} for n, (cfg, targets, _) in entries.items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "adapters": json.dumps(adapters, sort_keys=True, allow_nan=False)}
     try:
         with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
+            save_file(flat, tmp, metadata=metadata)
     except OSError as e:
         raise CheckpointError(f"could not write {str(path)!r} ({e}); any previous file there is unchanged. "
                               "Check the directory exists, is writable and has free space") from None
@@ -111,11 +139,11 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, list[str], dict[str, torch.Tensor]]:
-    """Parse and validate an adapter file on its own (no model): config, target names, tensors."""
+def read_adapter_file(path: str | os.PathLike) -> dict[str, Entry]:
+    """Parse and validate an adapter file on its own (no model): {adapter name: (config, targets, tensors)}."""
     path = validate.check_path(path)
     meta, entries = validate.read_header(path)
-    cfg, targets = validate.parse_metadata(meta, path)
+    adapters = validate.parse_metadata(meta, path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             if set(f.keys()) != set(entries):
@@ -129,26 +157,48 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[AdapterConfig, list[str]
     if any((t.dtype, tuple(t.shape)) != entries[k] for k, t in tensors.items()):
         raise CheckpointError(f"{str(path)!r} changed while it was being read; load it again")
     validate.check_finite(tensors, path)
-    return cfg, targets, tensors
+    per_adapter = validate.split_tensors(meta["format_version"], adapters, tensors, path)
+    return {n: (cfg, targets, per_adapter[n]) for n, (cfg, targets) in adapters.items()}
 
 
-def load(model: nn.Module, path: str | os.PathLike):
-    """Attach the adapter stored at `path` to `model`, with its trained values. Returns the hook handles.
+def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> list[str]:
+    """Attach the adapters stored at `path` to `model`, with their trained values; returns their names.
 
-    The model must be the same base the adapter was trained on. The file's header, metadata and values, and
-    every tensor's name, shape and dtype against the target layers, are checked first; on any failure a
-    LoraLiteError is raised and the model is left exactly as it was.
+    name=None loads every adapter in the file under its stored name. A name the file holds loads just that one;
+    any other name loads the file's only adapter under that name. The model must be the base the adapters were
+    trained on. The file's header, metadata and values, and every tensor's name, shape and dtype against the
+    target layers, are checked first; on any failure a LoraLiteError is raised and the model is left exactly as
+    it was.
     """
-    cfg, targets, tensors = read_adapter_file(path)
-    return attach_tensors(model, cfg, targets, tensors, source=str(path))
+    entries = read_adapter_file(path)
+    if name is not None:
+        if name in entries:
+            entries = {name: entries[name]}
+        elif len(entries) == 1:
+            entries = {name: next(iter(entries.values()))}
+        else:
+            raise CheckpointError(f"{str(path)!r} holds adapters {sorted(entries)}, none named {name!r}; pass one of "
+                                  "those names, or name=None to load them all")
+    return attach_entries(model, entries, source=str(path))
 
 
-def attach_tensors(model: nn.Module, cfg: AdapterConfig, targets: list[str], tensors: dict[str, torch.Tensor],
-                   source: str):
-    """Attach `cfg` with the given `<module>.<lora tensor>` values after checking they fit `model` exactly."""
-    path = source
-    variant = variant_of(cfg)
-    if get_state(model) is not None:
-        raise AttachStateError("this model already carries an adapter; call lora_lite.detach(model) before load()")
-    plan = validate.fit_to_model(model, variant, cfg, targets, tensors, Path(path))
-    return _attach(model, cfg, calibration_data=None, state_dict=tensors, targets=plan)
+def attach_entries(model: nn.Module, entries: dict[str, Entry], source: str) -> list[str]:
+    """Attach each (config, targets, tensors) under its name after checking that all of them fit `model`."""
+    plans = {}
+    for n, (cfg, targets, tensors) in entries.items():
+        check_new_name(model, n)
+        plans[n] = validate.fit_to_model(model, variant_of(cfg), cfg, n, targets, tensors, Path(source))
+    snapshot = ModelSnapshot(model)
+    frozen_before = len(model.__dict__.get(FROZEN_ATTR, ()))
+    installed = []
+    try:
+        for n, (cfg, _, tensors) in entries.items():
+            installed += install(model, n, cfg, plans[n], tensors=tensors, calibration_data=None)
+    except BaseException:
+        try:
+            remove_adapters(installed)
+        finally:
+            del model.__dict__.get(FROZEN_ATTR, [])[frozen_before:]
+            snapshot.restore()
+        raise
+    return list(entries)

@@ -1,105 +1,125 @@
-"""merge / disabled: fold the adapter into the weights, or switch it off for a reference forward.
+"""merge: fold adapters into the base weights, as a transaction.
 
-merge(model) asks the variant for each adapted layer's merged weight and bias, computed in fp32 from the
+merge(model, name) asks the method for each adapted layer's merged weight and bias, computed in fp32 from the
 current dense W and rounded once to W's dtype:
-    merged_weight(layer, W, bias) -> (W', b')    non-additive variants (IA3, RoAd, HRA)
-    W + delta_weight(layer)                      additive variants (LoRA, PiSSA, DoRA, DeLoRA, ...)
-It runs two passes so the model is never half-merged: the first computes every merged weight and checks it
-is finite (nothing is written), the second recomputes one layer at a time and writes it, so the extra
-memory is one layer's weight. Then the adapter is removed (hooks, lora_* tensors, attributes) and the model
-is a plain one holding the merged weights. For PiSSA-style variants the merged weight is W_res + ΔW.
+    merged_weight(a, W, bias) -> (W', b')    non-additive methods (IA3, RoAd, HRA)
+    W + delta_weight(a)                      additive methods (LoRA, PiSSA, DoRA, DeLoRA, ...)
+A layer with several merged adapters folds them in the order its hook applies them: output-side adapters in
+attach order, then input-side ones (whose product sits on the right of W) from the last attached to the first.
+For PiSSA-style methods the merged weight is W_res + ΔW; an inactive one is switched on first.
+
+The model is never left half-merged: the first pass computes every merged weight and checks it is finite
+(nothing is written); the second writes layer by layer, keeping a CPU copy of each weight and bias it
+overwrites, and if anything interrupts it (an error, Ctrl-C) every written layer is copied back bit for bit
+and the adapters stay attached. The extra memory is those CPU copies (the adapted layers' weights) and one
+layer's fp32 weight on the device. Then the merged adapters are removed; the others stay.
 
 Quantized (bitsandbytes) layers are refused: writing the merged weight back into 4/8-bit codes would
 re-quantize it and change the outputs. For a QLoRA adapter: load the base unquantized, lora_lite.load the
 adapter file, then merge.
-
-disabled(model) is a context manager for a reference forward (DPO, KL): every hook passes its input
-through, and layers whose W the adapter rewrote (PiSSA) get the original W back for the duration. On exit,
-also on an exception, the adapted weights are copied back bit for bit.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .errors import AttachStateError, ConversionError, UnsupportedLayerError
 from .quant import is_quantized
-from .runtime import _rollback, get_state
+from .runtime import CONTAINER, Adapter, adapters_by_name, detach, remove_adapters, set_activity
+from .variant import rewrites_weight
 
 
-def _require_state(model, what):
-    state = get_state(model)
-    if state is None:
-        raise AttachStateError(f"{what} found no adapter on this model; attach or load one first")
-    if state.disabled:
-        raise AttachStateError(f"{what} was called inside `with lora_lite.disabled(model)`; leave the block first")
-    return state
+def _additive_output(a: Adapter) -> bool:
+    return not a.input_side and not hasattr(a.variant, "merged_weight")
+
+
+def _merge_plan(model: nn.Module, name: str | None) -> dict[nn.Module, list[Adapter]]:
+    """{layer: its adapters to merge, in the layer's attach order}, after every check that can refuse."""
+    groups = adapters_by_name(model)
+    if not groups:
+        raise AttachStateError("merge() found no adapter on this model; attach or load one first")
+    if name is not None and name not in groups:
+        raise AttachStateError(f"merge(): no adapter named {name!r} on this model; attached: {list(groups)}")
+    chosen = {id(a) for n, group in groups.items() if name in (None, n) for a in group}
+    plan: dict[nn.Module, list[Adapter]] = {}
+    for group in groups.values():
+        for a in group:
+            if id(a) not in chosen or a.base in plan:
+                continue
+            on_layer = list(a.base._modules[CONTAINER].values())
+            merged = [b for b in on_layer if id(b) in chosen]
+            kept = [b for b in on_layer if id(b) not in chosen]
+            for b in merged:
+                if not (hasattr(b.variant, "merged_weight") or hasattr(b.variant, "delta_weight")):
+                    raise ConversionError(f"method {b.variant.name!r} defines neither merged_weight nor delta_weight, "
+                                          "so its effect is not a change of the weights; keep it attached")
+            if is_quantized(a.base):
+                raise UnsupportedLayerError(
+                    f"merge() cannot write into a {type(a.base).__name__} with {a.base.weight.dtype} weights: "
+                    "re-quantizing the merged weight would change the outputs. Save the adapter, load the base "
+                    "unquantized, lora_lite.load the adapter there and merge that model")
+            if any(rewrites_weight(b.variant) for b in kept):
+                raise AttachStateError(f"merge({name!r}) would write a layer whose weight adapter "
+                                       f"{next(b.name for b in kept if rewrites_weight(b.variant))!r} rewrote; merge "
+                                       "that one too (merge(model)) or detach it first")
+            first_merged = on_layer.index(merged[0])
+            if kept and on_layer.index(kept[0]) < first_merged and not all(map(_additive_output, on_layer)):
+                raise AttachStateError(f"merge({name!r}): adapter {kept[0].name!r} acts before it on a layer, and "
+                                       "folding a later, non-additive adapter into W would change how they compose; "
+                                       "merge both (merge(model)) or detach that one")
+            plan[a.base] = merged
+    return plan
 
 
 @torch.no_grad()
-def _merged(layer, variant):
+def _merged(layer: nn.Module, adapters: list[Adapter]):
     W = layer.weight.float()
     bias = None if getattr(layer, "bias", None) is None else layer.bias.float()
-    if hasattr(variant, "merged_weight"):
-        W_new, b_new = variant.merged_weight(layer, W, bias)
-    else:
-        W_new, b_new = W + variant.delta_weight(layer), bias
-    return W_new.to(layer.weight.dtype), None if b_new is None else b_new.to(layer.bias.dtype)
+    ordered = [a for a in adapters if not a.input_side] + [a for a in reversed(adapters) if a.input_side]
+    for a in ordered:
+        if hasattr(a.variant, "merged_weight"):
+            W, bias = a.variant.merged_weight(a, W, bias)
+        else:
+            W = W + a.variant.delta_weight(a)
+    return W.to(layer.weight.dtype), None if bias is None else bias.to(layer.bias.dtype)
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold the attached adapter into the base weights and remove it. Returns `model` (changed in place)."""
-    state = _require_state(model, "merge()")
-    variant, name = state.variant, state.cfg.variant
-    if not (hasattr(variant, "merged_weight") or hasattr(variant, "delta_weight")):
-        raise ConversionError(f"variant {name!r} defines neither merged_weight nor delta_weight, so its effect is "
-                              "not a change of the weights and it cannot be merged; keep it attached")
-    for lname, layer in state.layers.items():
-        if is_quantized(layer):
-            raise UnsupportedLayerError(
-                f"merge() cannot write into {lname!r}, a {type(layer).__name__} with {layer.weight.dtype} weights: "
-                "re-quantizing the merged weight would change the outputs. Save the adapter, load the base "
-                "unquantized, lora_lite.load the adapter there and merge that model")
-    for lname, layer in state.layers.items():
-        W_new, b_new = _merged(layer, variant)
-        if not (torch.isfinite(W_new).all() and (b_new is None or torch.isfinite(b_new).all())):
-            raise ConversionError(f"merging {lname!r} gives non-finite weights (the adapter holds inf/nan or "
-                                  f"overflows {W_new.dtype}); nothing was changed. Check the training run")
-    with torch.no_grad():
-        for layer in state.layers.values():
-            W_new, b_new = _merged(layer, variant)
-            layer.__dict__.pop("_lora_base_weight", None)  # the merged weight replaces the snapshot
-            layer.weight.copy_(W_new)
-            if b_new is not None:
-                layer.bias.copy_(b_new)
-    _rollback(model)
-    return model
-
-
-@contextmanager
-def disabled(model: nn.Module):
-    """`with lora_lite.disabled(model):` the exact base model inside, the adapted one again after."""
-    state = get_state(model)
-    if state is None:
-        raise AttachStateError("disabled() found no adapter on this model; attach or load one first")
-    if state.disabled:  # nested: the outer block restores
-        yield model
-        return
-    adapted = {}
+def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold adapter `name` (None: every adapter) into the base weights and remove it. Returns `model`."""
+    plan = _merge_plan(model, name)
+    activity = [(a, a.active) for adapters in plan.values() for a in adapters]
+    written: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
     try:
+        for a, _ in activity:
+            set_activity(a, True)  # W_res in place for weight-rewriting methods
+        for layer, adapters in plan.items():
+            W_new, b_new = _merged(layer, adapters)
+            if not (torch.isfinite(W_new).all() and (b_new is None or torch.isfinite(b_new).all())):
+                raise ConversionError(f"merging {[a.name for a in adapters]} gives non-finite weights (the adapter "
+                                      f"holds inf/nan or overflows {W_new.dtype}); nothing was changed. Check the "
+                                      "training run")
         with torch.no_grad():
-            for layer in state.layers.values():
-                if hasattr(layer, "_lora_base_weight"):
-                    adapted[layer] = layer.weight.detach().to("cpu", copy=True)
-                    layer.weight.copy_(layer._lora_base_weight)
-        state.disabled = True
-        yield model
-    finally:
-        state.disabled = False
-        if get_state(model) is state:  # not detached inside the block
-            with torch.no_grad():
-                for layer, weight in adapted.items():
-                    layer.weight.copy_(weight)
+            for layer, adapters in plan.items():
+                W_new, b_new = _merged(layer, adapters)
+                old_bias = None if b_new is None else layer.bias.detach().to("cpu", copy=True)
+                written.append((layer, layer.weight.detach().to("cpu", copy=True), old_bias))
+                layer.weight.copy_(W_new)
+                if b_new is not None:
+                    layer.bias.copy_(b_new)
+    except BaseException:
+        with torch.no_grad():
+            for layer, W_old, b_old in written:
+                layer.weight.copy_(W_old)
+                if b_old is not None:
+                    layer.bias.copy_(b_old)
+        for a, was_active in activity:
+            set_activity(a, was_active)
+        raise
+    merged = [a for adapters in plan.values() for a in adapters]
+    for a in merged:  # the merged weight replaces the original: nothing to restore on removal
+        a.original_weight, a.residual_applied = None, False
+    remove_adapters(sorted(merged, key=lambda a: a.order))
+    if not any(isinstance(m, Adapter) for m in model.modules()):
+        detach(model)  # no adapter left: requires_grad flags go back to what they were before the first attach
+    return model

@@ -32,8 +32,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .errors import CheckpointError, ConversionError
-from .io import atomic_write_bytes, attach_tensors
-from .merge import _require_state
+from .io import atomic_write_bytes, attach_entries
+from .runtime import adapter_config, adapter_layers, resolve_name
 from .validate import check_finite
 from .variants.lora import LoRAConfig
 
@@ -49,26 +49,30 @@ _REWRITES_BASE = ("pissa", "olora", "corda", "loftq")
 
 
 @torch.no_grad()
-def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the attached adapter as a PEFT LoRA directory that reproduces it on the original base model."""
-    state = _require_state(model, "export_peft()")
-    if not hasattr(state.variant, "lora_factors"):
+def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
+                name: str | None = None) -> Path:
+    """Write adapter `name` (None: the model's only one) as a PEFT LoRA directory that reproduces it on the original
+    base model."""
+    name = resolve_name(model, name, "export_peft()")
+    cfg, layers = adapter_config(model, name), adapter_layers(model, name)
+    variant = next(iter(layers.values())).variant
+    if not hasattr(variant, "lora_factors"):
         raise ConversionError(
-            f"variant {state.cfg.variant!r} cannot be exported as a plain LoRA: its weight change is not low-rank "
+            f"method {cfg.variant!r} cannot be exported as a plain LoRA: its weight change is not low-rank "
             "(it rescales or rotates whole rows or columns), so no LoRA reproduces it exactly. Use lora_lite.merge "
             "to ship merged weights, or lora_lite.save for our own format")
     tensors, ranks, scales = {}, set(), set()
-    for name, layer in state.layers.items():
-        A, B, scale = state.variant.lora_factors(layer)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.float().contiguous().cpu()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.float().contiguous().cpu()
+    for lname, a in layers.items():
+        A, B, scale = variant.lora_factors(a)
+        tensors[f"{PREFIX}{lname}.lora_A.weight"] = A.float().contiguous().cpu()
+        tensors[f"{PREFIX}{lname}.lora_B.weight"] = B.float().contiguous().cpu()
         ranks.add(A.shape[0])
         scales.add(float(scale))
     if len(ranks) != 1 or len(scales) != 1:
-        raise ConversionError(f"variant {state.cfg.variant!r} gave per-layer ranks {sorted(ranks)} and scales "
+        raise ConversionError(f"method {cfg.variant!r} gave per-layer ranks {sorted(ranks)} and scales "
                               f"{sorted(scales)}; a PEFT config holds one r and one lora_alpha")
     (r,), (scale,) = ranks, scales
-    names = list(state.layers)
+    names = list(layers)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
         "base_model_name_or_path": base_model_name_or_path or getattr(getattr(model, "config", None),
@@ -90,8 +94,8 @@ def _target_modules(model, names):
     return sorted(leaves) if selected == set(names) else sorted(names)
 
 
-def import_peft(model: nn.Module, peft_dir: str | os.PathLike):
-    """Attach the PEFT LoRA in `peft_dir` to `model` as a lora-lite `lora` adapter. Returns the hook handles."""
+def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "default") -> list[str]:
+    """Attach the PEFT LoRA in `peft_dir` to `model` as a lora-lite `lora` adapter named `name`."""
     src = Path(peft_dir)
     if not (src / CONFIG_FILE).is_file() or not (src / WEIGHTS_FILE).is_file():
         found = sorted(p.name for p in src.iterdir()) if src.is_dir() else "no such directory"
@@ -119,7 +123,7 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike):
     names = sorted(per_module)
     cfg = LoRAConfig(r=r, alpha=alpha, target_names=tuple(f"^{re.escape(n)}$" for n in names))
     state_dict = {f"{n}.{k}": t for n, d in per_module.items() for k, t in d.items()}
-    return attach_tensors(model, cfg, names, state_dict, source=str(src))
+    return attach_entries(model, {name: (cfg, names, state_dict)}, source=str(src))
 
 
 def _check_config(conf: dict, src: Path) -> tuple[int, float]:

@@ -1,64 +1,201 @@
-"""attach / detach: the whole runtime.
+"""attach / detach, the hooks, and which adapters are active: the whole runtime.
 
-attach(model, cfg) finds the target layers, hangs the variant's `lora_*` tensors on each of them, and adds
-one forward hook per layer (a pre-hook for input-side variants). No module is replaced, so state-dict keys,
-bitsandbytes layers and everything else about the model stay as they were.
+attach(model, cfg, name) finds the target layers and hangs one `Adapter` module on each, in the layer's
+`lora_adapters` ModuleDict under the adapter's name. The Adapter holds the method's `lora_*` tensors and its
+config; the layer keeps its own weights and class, so state-dict keys of the base, bitsandbytes layers and
+everything else about the model stay as they were. A layer may carry several adapters.
 
-attach is a transaction: every check runs before the model is touched, and if anything fails after that
-(an init, a calibration pass, a KeyboardInterrupt) the model is rolled back to exactly what it was: same
-weights bit for bit, same requires_grad and train/eval flags, no hooks, no stray attributes, parameters or
-buffers (lora_lite.transaction catches what a variant added on its own).
+Each adapted layer gets one forward hook (a pre-hook for input-side methods). Hooks are module-level functions
+that read everything from the layer they run on, never from a closure, so `copy.deepcopy(model)` gives an
+independent adapted model, `pickle`/`torch.save(model)` round-trip, and the dtype is read from the tensors at
+call time (`model.to(torch.bfloat16)` after attach just works). The hook runs the layer's active adapters in
+attach order, each on the output of the one before; input-side adapters act on the input before the layer runs.
 
-Weight rewriting (PiSSA, the SVD family) goes through one path: a variant exposes `base_delta(layer)`, the
-runtime keeps a CPU copy of W, writes W - base_delta into the layer, and copies W back on detach.
+Dtypes: adapter tensors are stored in fp32 by default (`cfg.dtype` sets another storage dtype) and cast to the
+activation dtype inside the hook, so a bf16 model computes in bf16, keeps no fp32 copy of any activation for
+backward, and AdamW's small updates are not rounded away. The base output is never rounded to another dtype.
+
+attach is a transaction: every check runs before the model is touched, and if anything fails after that (an
+init, a calibration pass, a KeyboardInterrupt) the model is rolled back to exactly what it was: same weights bit
+for bit, same requires_grad and train/eval flags, no hooks, no stray attributes, parameters or buffers.
+
+Weight rewriting (PiSSA, the SVD-basis family) goes through one path: a method exposes `base_delta(a)`; the
+adapter keeps a CPU copy of the original W, the layer holds W - base_delta while the adapter is active, and the
+original W is copied back bit for bit when it is switched off or detached. At most one adapter per layer may
+rewrite its weight.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from .config import AdapterConfig
-from .errors import (
-    AttachStateError,
-    CalibrationError,
-    ConfigError,
-    UnknownVariantError,
-    UnsupportedLayerError,
-)
+from .errors import AttachStateError, CalibrationError, ConfigError, UnsupportedLayerError
 from .target import find_targets
 from .transaction import ModelSnapshot
-from .variant import REGISTRY
+from .variant import hook_only_methods, rewrites_weight, variant_named
 
-STATE_ATTR = "_lora_lite"
-_LAYER_ATTRS = ("_lora_cfg", "_lora_variant", "_lora_name", "_lora_dtype", "_lora_tensor_names",
-                "_lora_base_weight", "_lora_role")
-
-
-@dataclass
-class AttachState:
-    cfg: AdapterConfig
-    variant: type
-    layers: dict[str, nn.Module] = field(default_factory=dict)
-    handles: list[RemovableHandle] = field(default_factory=list)
-    trainable_before: list[nn.Parameter] = field(default_factory=list)
-    disabled: bool = False  # set by lora_lite.disabled(model); every hook then passes its input through
+CONTAINER = "lora_adapters"
+FROZEN_ATTR = "_lora_lite_frozen"  # on the module attach was called on: the base parameters it froze
+_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
-def get_state(model: nn.Module) -> AttachState | None:
-    return getattr(model, STATE_ATTR, None)
+class Adapter(nn.Module):
+    """One named adapter on one layer: its `lora_*` tensors, its config and method, and a link to the layer.
+
+    `base` is the layer itself, kept out of the module tree (the layer owns the adapter, not the reverse).
+    `active` switches it on and off; `rows` routes it to some batch rows only (lora_lite.per_row).
+    """
+
+    def __init__(self, name: str, layer: nn.Module, cfg: AdapterConfig, variant: type, role: str | None, order: int):
+        super().__init__()
+        self.name, self.cfg, self.variant, self.role, self.order = name, cfg, variant, role, order
+        self.d_in, self.d_out = int(layer.in_features), int(layer.out_features)
+        self.input_side = hasattr(variant, "forward_input")
+        self.tensor_names: tuple[str, ...] = ()
+        self.active = True
+        self.rows: torch.Tensor | None = None
+        self.routed_batch = 0
+        self.original_weight: torch.Tensor | None = None  # CPU copy of W, for methods with base_delta
+        self.residual_applied = False
+        self.__dict__["base"] = layer
+
+    def extra_repr(self) -> str:
+        return f"{self.variant.name!r}, {self.d_in}->{self.d_out}, active={self.active}"
+
+
+class _Compute:
+    """An adapter as `forward` / `forward_input` see it: its floating `lora_*` tensors cast to the activation dtype
+    (once per call, on first use; autograd flows back to the stored tensors), everything else as on the Adapter.
+    `master` is the Adapter itself, for per-call statistics that want the stored precision (DoRA's row norm)."""
+
+    def __init__(self, adapter: Adapter, dtype: torch.dtype):
+        self._adapter, self._dtype, self.master = adapter, dtype, adapter
+
+    def __getattr__(self, attr):
+        value = getattr(self._adapter, attr)
+        if attr.startswith("lora_") and isinstance(value, torch.Tensor) and value.is_floating_point():
+            with torch.enable_grad():  # the cast is cached: one made first under no_grad must still carry grads
+                value = value.to(self._dtype)
+        setattr(self, attr, value)
+        return value
+
+
+def _output_hook(layer, args, y):
+    adapters = [a for a in layer.lora_adapters.values() if a.active and not a.input_side]
+    if not adapters:
+        return None
+    x, dtype = args[0], y.dtype
+    if x.is_floating_point() and x.dtype != dtype:  # autocast: the layer computed in y's dtype
+        x = x.to(dtype)
+    for a in adapters:
+        forward = a.variant.forward
+        if a.rows is None:
+            y = forward(_Compute(a, dtype), x, y).to(dtype)
+        else:
+            rows = _routed_rows(a, y)
+            y = y.index_put((rows,), forward(_Compute(a, dtype), x[rows], y[rows]).to(dtype))
+    return y
+
+
+def _input_hook(layer, args):
+    adapters = [a for a in layer.lora_adapters.values() if a.active and a.input_side]
+    if not adapters:
+        return None
+    x = args[0]
+    for a in adapters:
+        forward_input = a.variant.forward_input
+        if a.rows is None:
+            x = forward_input(_Compute(a, x.dtype), x).to(x.dtype)
+        else:
+            rows = _routed_rows(a, x)
+            x = x.index_put((rows,), forward_input(_Compute(a, x.dtype), x[rows]).to(x.dtype))
+    return (x, *args[1:])
+
+
+def _routed_rows(a: Adapter, t: torch.Tensor) -> torch.Tensor:
+    if t.shape[0] != a.routed_batch:
+        raise AttachStateError(f"per_row was given {a.routed_batch} names but a layer saw an input of shape "
+                               f"{tuple(t.shape)}; pass one name per row of the batch (batch-first inputs)")
+    return a.rows.to(t.device)
+
+
+def _sync_hooks(layer: nn.Module) -> None:
+    """Give the layer exactly the hooks its adapters need: an output hook and/or an input hook, or none."""
+    adapters = list(layer.lora_adapters.values()) if CONTAINER in layer._modules else []
+    for hooks, fn, needed in ((layer._forward_hooks, _output_hook, any(not a.input_side for a in adapters)),
+                              (layer._forward_pre_hooks, _input_hook, any(a.input_side for a in adapters))):
+        present = [k for k, h in hooks.items() if h is fn]
+        if needed and not present:
+            (layer.register_forward_hook if fn is _output_hook else layer.register_forward_pre_hook)(fn)
+        elif not needed:
+            for k in present:
+                del hooks[k]
+
+
+# ---------------------------------------------------------------------------------------------- queries
+
+
+def iter_adapters(model: nn.Module) -> list[Adapter]:
+    return sorted((m for m in model.modules() if isinstance(m, Adapter)), key=lambda a: a.order)
+
+
+def adapters_by_name(model: nn.Module) -> dict[str, list[Adapter]]:
+    """{name: [Adapter, ...]} in attach order. One name is one config: a name attached twice is an error."""
+    groups: dict[str, list[Adapter]] = {}
+    for a in iter_adapters(model):
+        groups.setdefault(a.name, []).append(a)
+    for name, group in groups.items():
+        if any(a.cfg != group[0].cfg or a.variant is not group[0].variant for a in group):
+            raise AttachStateError(f"adapter {name!r} was attached twice with different configs (e.g. once to a "
+                                   "sub-module and once to the whole model); detach one of them")
+    return groups
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to `model`, in attach order."""
+    return list(adapters_by_name(model))
+
+
+def resolve_name(model: nn.Module, name: str | None, what: str) -> str:
+    """`name`, checked to be attached; None means the model's only adapter."""
+    names = adapter_names(model)
+    if not names:
+        raise AttachStateError(f"{what} found no adapter on this model; attach or load one first")
+    if name is None:
+        if len(names) > 1:
+            raise AttachStateError(f"{what}: this model carries adapters {names}; pass name= to pick one")
+        return names[0]
+    if name not in names:
+        raise AttachStateError(f"{what}: no adapter named {name!r} on this model; attached: {names}")
+    return name
+
+
+# Segments that wrappers (FSDP1, activation checkpointing, torch.compile) insert into module names: a layer keeps
+# the name it has in the bare model, so files written from a wrapped model load onto the bare one.
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def adapter_layers(model: nn.Module, name: str | None = None) -> dict[str, Adapter]:
+    """{qualified layer name (relative to `model`): Adapter} for one adapter (None: the model's only one)."""
+    name = resolve_name(model, name, "adapter_layers()")
+    return {_WRAPPER_SEGMENTS.sub("", lname).lstrip("."): layer.lora_adapters[name]
+            for lname, layer in model.named_modules() if CONTAINER in layer._modules and name in layer.lora_adapters}
+
+
+def adapter_config(model: nn.Module, name: str | None = None) -> AdapterConfig:
+    return adapters_by_name(model)[resolve_name(model, name, "adapter_config()")][0].cfg
 
 
 def variant_of(cfg: AdapterConfig) -> type:
     if not isinstance(cfg, AdapterConfig):
-        raise ConfigError(f"cfg must be a variant config such as LoRAConfig(r=8), got {type(cfg).__name__}")
-    if cfg.variant not in REGISTRY:
-        raise UnknownVariantError(f"unknown variant {cfg.variant!r}; registered variants: {sorted(REGISTRY)}. "
-                                  "Import the module that registers it (its @lora_lite.register class)")
-    return REGISTRY[cfg.variant]
+        raise ConfigError(f"cfg must be a method config such as LoRAConfig(r=8), got {type(cfg).__name__}")
+    return variant_named(cfg.variant)
 
 
 def has_dense_weight(layer: nn.Module) -> bool:
@@ -68,164 +205,260 @@ def has_dense_weight(layer: nn.Module) -> bool:
             and w.dtype.is_floating_point)
 
 
-def adapter_dtype(layer: nn.Module, cfg: AdapterConfig) -> torch.dtype:
+def storage_dtype(layer: nn.Module, cfg: AdapterConfig) -> torch.dtype:
+    """cfg.dtype, else fp32 master tensors (fp64 on an fp64 layer)."""
     if cfg.dtype is not None:
         return cfg.dtype
-    w = layer.weight
-    return w.dtype if w.dtype.is_floating_point else torch.float32
+    return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
 
 
-def attach(model: nn.Module, cfg: AdapterConfig, calibration_data=None) -> list[RemovableHandle]:
-    """Attach the adapter described by `cfg` to every matching layer of `model`; returns the hook handles.
+# ---------------------------------------------------------------------------------------------- attach
 
-    `calibration_data` is an iterable of model inputs (dicts are called as model(**batch)) for variants with a
-    data-driven `group_init` (EVA, CorDA, ...). It is never stored in the config, so checkpoints stay data-free.
+
+def attach(model: nn.Module, cfg: AdapterConfig, name: str = "default", calibration_data=None) -> list[Adapter]:
+    """Attach the adapter described by `cfg` under `name` to every matching layer of `model`; it starts active.
+
+    `calibration_data` is an iterable of model inputs (dicts are called as model(**batch)) for methods with a
+    data-driven `group_init` (EVA, CorDA, ...). It is never stored, so checkpoints stay data-free.
+    Returns the Adapter modules it added, one per layer.
     """
-    return _attach(model, cfg, calibration_data=calibration_data, state_dict=None)
-
-
-def _attach(model, cfg, *, calibration_data, state_dict, targets=None):
-    """attach() and load() share this. load() passes the checked tensors and the targets it resolved by name."""
     variant = variant_of(cfg)
-    if get_state(model) is not None:
-        raise AttachStateError("this model already carries an adapter; call lora_lite.detach(model) first "
-                               "(one adapter per model)")
-    if state_dict is None and getattr(variant, "requires_calibration", False) and calibration_data is None:
-        raise CalibrationError(f"variant {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
+    if getattr(variant, "requires_calibration", False) and calibration_data is None:
+        raise CalibrationError(f"method {cfg.variant!r} initialises from data: pass calibration_data=[batch, ...] "
                                "(model inputs, e.g. dicts with input_ids and attention_mask) to attach()")
-    targets = find_targets(model, cfg) if targets is None else targets
-    plans = [(name, layer, role, _plan_layer(variant, cfg, name, layer)) for name, layer, role in targets]
-
-    snapshot = ModelSnapshot(model)
-    state = AttachState(cfg=cfg, variant=variant)
-    state.trainable_before = [p for p in model.parameters() if p.requires_grad]
-    try:
-        setattr(model, STATE_ATTR, state)
-        model.requires_grad_(False)
-        for name, layer, role, specs in plans:
-            state.layers[name] = layer  # registered first, so a failure inside _add_tensors is rolled back
-            _add_tensors(layer, variant, cfg, name, role, specs, state_dict)
-        if state_dict is None:
-            for layer in state.layers.values():
-                variant.init(layer, cfg)
-        for layer in state.layers.values():
-            _apply_residual(layer)
-            state.handles.append(_register_hook(layer, variant, state))
-        if state_dict is None and hasattr(variant, "group_init"):
-            # Hooks are live here, so each layer's calibration inputs are what training will see downstream.
-            variant.group_init(model, [(n, state.layers[n]) for n, *_ in plans], cfg, calibration_data)
-            for layer in state.layers.values():
-                _apply_residual(layer)
-    except BaseException:
-        try:
-            _rollback(model, state)
-        finally:
-            snapshot.restore()
-        raise
-    return list(state.handles)
+    check_new_name(model, name)
+    targets = find_targets(model, cfg)
+    return install(model, name, cfg, [(n, layer, role) for n, layer, role in targets],
+                   tensors=None, calibration_data=calibration_data)
 
 
-def _plan_layer(variant, cfg, name, layer):
-    """Every check that can fail on shapes or layer types, run before anything is modified."""
+def check_new_name(model: nn.Module, name) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"adapter name {name!r} must be 1-64 letters, digits, '_' or '-' (it becomes a module key)")
+    if name in adapter_names(model):
+        raise AttachStateError(f"an adapter named {name!r} is already attached; pick another name, or "
+                               f"lora_lite.detach(model, {name!r}) first")
+
+
+def plan_layer(variant: type, cfg: AdapterConfig, name: str, lname: str, layer: nn.Module):
+    """Every check that can fail on one layer, run before anything is modified. Returns its ParamSpecs."""
     if getattr(variant, "needs_dense_weight", False) and not has_dense_weight(layer):
         raise UnsupportedLayerError(
-            f"variant {cfg.variant!r} reads and rewrites a dense weight, but {name!r} is a "
-            f"{type(layer).__name__} with a {type(layer.weight).__name__} weight of dtype {layer.weight.dtype}. "
-            "It supports only plain float nn.Linear layers: load the base unquantized, or use a hook-only "
-            "variant (lora, delora, ia3, ia3_ff, hra, road, eva)")
+            f"method {cfg.variant!r} reads or rewrites a dense weight, but {lname!r} is a {type(layer).__name__} "
+            f"with a {type(layer.weight).__name__} weight of dtype {layer.weight.dtype}. It supports only plain "
+            f"float nn.Linear layers: load the base unquantized, or use a hook-only method "
+            f"({', '.join(hook_only_methods())})")
+    container = layer._modules.get(CONTAINER)
+    if CONTAINER in layer.__dict__ or (container is not None and not isinstance(container, nn.ModuleDict)):
+        raise AttachStateError(f"{lname!r} has its own attribute {CONTAINER!r}; lora-lite cannot adapt it")
+    others = list(container.values()) if container is not None else []
+    if name in (container or {}):
+        raise AttachStateError(f"{lname!r} already carries an adapter named {name!r}; detach it or pick another name")
+    rewriting = [a.name for a in others if rewrites_weight(a.variant)]
+    if rewrites_weight(variant) and rewriting:
+        raise AttachStateError(f"{lname!r} already carries {rewriting[0]!r}, which rewrites its weight; a layer can "
+                               f"hold only one such adapter, so {cfg.variant!r} cannot go there too. Exclude that "
+                               "layer, or detach the other adapter first")
     d_in, d_out = int(layer.in_features), int(layer.out_features)
     if hasattr(variant, "check"):
         variant.check(d_in, d_out, cfg)
     specs = variant.param_specs(d_in, d_out, cfg)
     for tname in specs:
-        if not tname.startswith("lora_"):
-            raise ConfigError(f"variant {cfg.variant!r} names a tensor {tname!r}; adapter tensors must start with lora_")
-        if hasattr(layer, tname):
-            raise AttachStateError(f"{name!r} already has an attribute {tname!r}; detach the old adapter first")
+        if not tname.startswith("lora_") or not tname.isidentifier():
+            raise ConfigError(f"method {cfg.variant!r} names a tensor {tname!r}; adapter tensors are identifiers "
+                              "starting with lora_")
     return specs
 
 
-def _add_tensors(layer, variant, cfg, name, role, specs, state_dict):
-    device = layer.weight.device
-    dtype = adapter_dtype(layer, cfg)
-    layer._lora_cfg, layer._lora_variant, layer._lora_name, layer._lora_role = cfg, variant, name, role
-    layer._lora_tensor_names = list(specs)
+def install(model, name, cfg, targets, *, tensors, calibration_data) -> list[Adapter]:
+    """attach() and load() share this. load() passes checked tensors (`<layer>.<lora tensor>` keys) and the
+    targets it resolved by name; then neither init nor group_init runs."""
+    variant = variant_of(cfg)
+    seen: dict[int, str] = {}
+    plans = []
+    for lname, layer, role in targets:
+        if id(layer) in seen:
+            raise AttachStateError(f"{lname!r} and {seen[id(layer)]!r} are one module under two names; target it once")
+        seen[id(layer)] = lname
+        plans.append((lname, layer, role, plan_layer(variant, cfg, name, lname, layer)))
+
+    snapshot = ModelSnapshot(model)
+    existing = iter_adapters(model)
+    order = 1 + max((a.order for a in existing), default=-1)
+    in_adapters = {id(p) for a in existing for p in a.parameters()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in in_adapters]
+    added: list[Adapter] = []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for lname, layer, role, specs in plans:
+            a = Adapter(name, layer, cfg, variant, role, order)
+            if CONTAINER not in layer._modules:
+                layer.add_module(CONTAINER, nn.ModuleDict())
+            layer.lora_adapters[name] = a
+            added.append(a)  # registered first, so a failure below is rolled back
+            _add_tensors(a, lname, specs, tensors)
+        if tensors is None and hasattr(variant, "init"):
+            for a in added:
+                variant.init(a)
+        for a in added:
+            if rewrites_weight(variant):
+                a.original_weight = a.base.weight.detach().to("cpu", copy=True)
+                apply_residual(a)
+            _sync_hooks(a.base)
+        if tensors is None and hasattr(variant, "group_init"):
+            # Hooks are live here, so each layer's calibration inputs are what training will see downstream.
+            variant.group_init(model, added, cfg, calibration_data)
+            for a in added:
+                if rewrites_weight(variant):
+                    apply_residual(a)
+    except BaseException:
+        try:
+            remove_adapters(added)
+        finally:
+            snapshot.restore()
+            for p in frozen:
+                p.requires_grad_(True)
+        raise
+    if frozen:
+        model.__dict__.setdefault(FROZEN_ATTR, []).extend(frozen)
+    return added
+
+
+def _add_tensors(a: Adapter, lname: str, specs, tensors) -> None:
+    layer = a.base
+    device, dtype = layer.weight.device, storage_dtype(layer, a.cfg)
     for tname, spec in specs.items():
-        if state_dict is not None:
+        if tensors is not None:
             # always a fresh copy: safetensors hands back buffers that are not 64-byte aligned, and on CPU
             # an unaligned operand sends matmuls down another kernel path, so reloaded outputs drift by an ulp
-            t = state_dict[f"{name}.{tname}"].to(device, copy=True)
-            dtype = t.dtype
+            t = tensors[f"{lname}.{tname}"].to(device, copy=True)
         else:
             t = spec.make_tensor(dtype, device)
         if spec.as_buffer:
-            layer.register_buffer(tname, t, persistent=True)
+            a.register_buffer(tname, t, persistent=True)
         else:
-            layer.register_parameter(tname, nn.Parameter(t, requires_grad=spec.trainable))
-    layer._lora_dtype = dtype
-    if hasattr(variant, "base_delta"):
-        layer._lora_base_weight = layer.weight.detach().to("cpu", copy=True)
+            a.register_parameter(tname, nn.Parameter(t, requires_grad=spec.trainable))
+    a.tensor_names = tuple(specs)
 
 
 @torch.no_grad()
-def _apply_residual(layer):
+def apply_residual(a: Adapter) -> None:
     """W <- W_original - base_delta, computed in fp32 and rounded once to W's dtype."""
-    if not hasattr(layer._lora_variant, "base_delta"):
-        return
-    original = layer._lora_base_weight.to(layer.weight.device, torch.float32)
-    delta = layer._lora_variant.base_delta(layer).to(torch.float32)
-    layer.weight.copy_((original - delta).to(layer.weight.dtype))
-
-
-def _register_hook(layer, variant, state):
-    if hasattr(variant, "forward_input"):
-        def pre_hook(mod, args):
-            if state.disabled:
-                return None
-            x = args[0]
-            return (variant.forward_input(mod, x.to(mod._lora_dtype)).to(x.dtype), *args[1:])
-        return layer.register_forward_pre_hook(pre_hook)
-
-    def post_hook(mod, args, y):
-        if state.disabled:
-            return None
-        return variant.forward(mod, args[0].to(mod._lora_dtype), y).to(y.dtype)
-    return layer.register_forward_hook(post_hook)
-
-
-def detach(model: nn.Module) -> None:
-    """Remove the adapter: hooks, tensors and attributes go, and every weight is bit-identical to before attach.
-
-    A model with no adapter is left alone.
-    """
-    if get_state(model) is not None:
-        _rollback(model)
+    weight = a.base.weight
+    delta = a.variant.base_delta(a).to(weight.device, torch.float32)
+    weight.copy_((a.original_weight.to(weight.device, torch.float32) - delta).to(weight.dtype))
+    a.residual_applied = True
 
 
 @torch.no_grad()
-def _rollback(model, state=None):
-    state = get_state(model) if state is None else state
-    for h in state.handles:
-        h.remove()
-    for layer in state.layers.values():
-        if hasattr(layer, "_lora_base_weight"):
-            layer.weight.copy_(layer._lora_base_weight)
-        for tname in getattr(layer, "_lora_tensor_names", ()):
-            if tname in layer._parameters:
-                del layer._parameters[tname]
-            elif tname in layer._buffers:
-                del layer._buffers[tname]
-        for attr in _LAYER_ATTRS:
-            if attr in layer.__dict__:
-                delattr(layer, attr)
-    for p in state.trainable_before:
-        p.requires_grad_(True)
-    if STATE_ATTR in model.__dict__:
-        delattr(model, STATE_ATTR)
+def restore_weight(a: Adapter) -> None:
+    a.base.weight.copy_(a.original_weight)
+    a.residual_applied = False
 
 
-def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
-    state = get_state(model)
-    if state is None:
-        raise AttachStateError("no adapter is attached to this model; call lora_lite.attach(model, cfg) first")
-    return dict(state.layers)
+# ---------------------------------------------------------------------------------------------- activity
+
+
+def set_activity(a: Adapter, on: bool) -> None:
+    a.active = on
+    if a.original_weight is not None and on != a.residual_applied:
+        (apply_residual if on else restore_weight)(a)
+
+
+def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
+    """Make exactly `names` active; the other adapters stay attached and pass their input through."""
+    wanted = [names] if isinstance(names, str) else list(names)
+    groups = adapters_by_name(model)
+    unknown = sorted(set(wanted) - set(groups))
+    if unknown:
+        raise AttachStateError(f"set_active: no adapter named {unknown}; attached: {list(groups)}")
+    for a in iter_adapters(model):
+        set_activity(a, a.name in wanted)
+
+
+def active_names(model: nn.Module) -> list[str]:
+    return [name for name, group in adapters_by_name(model).items() if group[0].active]
+
+
+@contextmanager
+def disabled(model: nn.Module):
+    """`with lora_lite.disabled(model):` the exact base model inside (weights a method rewrote are restored), the
+    adapters as they were after, also on an exception. Nestable."""
+    adapters = iter_adapters(model)
+    if not adapters:
+        raise AttachStateError("disabled() found no adapter on this model; attach or load one first")
+    before = [(a, a.active) for a in adapters]
+    try:
+        for a in adapters:
+            set_activity(a, False)
+        yield model
+    finally:
+        for a, was_active in before:
+            if _still_attached(a):
+                set_activity(a, was_active)
+
+
+@contextmanager
+def per_row(model: nn.Module, names: Iterable[str | None]):
+    """`with lora_lite.per_row(model, ["a", None, "b"]):` row i of every batch goes through adapter names[i]
+    alone (None: the base), as if each row ran by itself with only that adapter active."""
+    names = list(names)
+    groups = adapters_by_name(model)
+    unknown = sorted({n for n in names if n is not None} - set(groups))
+    if unknown or not names:
+        raise AttachStateError(f"per_row needs one adapter name (or None) per batch row; unknown {unknown}, "
+                               f"attached: {list(groups)}")
+    mixed = sorted({n for n in names if n is not None and rewrites_weight(groups[n][0].variant)})
+    if mixed:
+        raise AttachStateError(f"per_row cannot route rows to {mixed}: a weight-rewriting method changes W for the "
+                               "whole batch. Run those rows separately with set_active, or merge that adapter")
+    adapters = iter_adapters(model)
+    before = [(a, a.active, a.rows, a.routed_batch) for a in adapters]
+    try:
+        for a in adapters:
+            rows = [i for i, n in enumerate(names) if n == a.name]
+            set_activity(a, bool(rows))
+            a.rows, a.routed_batch = (torch.tensor(rows), len(names)) if rows else (None, 0)
+        yield model
+    finally:
+        for a, was_active, rows, routed in before:
+            a.rows, a.routed_batch = rows, routed
+            if _still_attached(a):
+                set_activity(a, was_active)
+
+
+def _still_attached(a: Adapter) -> bool:
+    container = a.base._modules.get(CONTAINER)
+    return container is not None and container._modules.get(a.name) is a
+
+
+# ---------------------------------------------------------------------------------------------- detach
+
+
+def detach(model: nn.Module, name: str | None = None) -> None:
+    """Remove one adapter (None: all): hooks, tensors and attributes go, and every weight is bit-identical to
+    before it was attached. Once no adapter is left, requires_grad flags are as they were before the first attach.
+    A model with no adapter is left alone."""
+    groups = adapters_by_name(model)
+    if name is not None and name not in groups:
+        raise AttachStateError(f"detach(): no adapter named {name!r} on this model; attached: {list(groups)}")
+    remove_adapters([a for n, group in groups.items() if name in (None, n) for a in group])
+    if not iter_adapters(model):
+        for module in model.modules():
+            for p in module.__dict__.pop(FROZEN_ATTR, ()):
+                p.requires_grad_(True)
+
+
+@torch.no_grad()
+def remove_adapters(adapters: list[Adapter]) -> None:
+    for a in reversed(adapters):
+        if a.residual_applied:
+            restore_weight(a)
+        layer = a.base
+        container = layer._modules.get(CONTAINER)
+        if container is not None and container._modules.get(a.name) is a:
+            del container[a.name]
+            if not len(container):
+                del layer._modules[CONTAINER]
+        _sync_hooks(layer)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import AdapterConfig
+from .config import RankConfig
 from .errors import ConfigError
 from .variant import check_rank
 
@@ -22,8 +22,8 @@ DEFAULT_NITER = 4
 
 
 @dataclass
-class SVDInitConfig(AdapterConfig):
-    """Fields shared by configs whose init takes a top-r SVD of W (the variant name is set by subclasses).
+class SVDInitConfig(RankConfig):
+    """Fields shared by configs whose init takes a top-r SVD of W.
 
     svd    "full" (exact) or "lowrank" (torch.svd_lowrank, faster on large layers; see docs/svd.md).
     niter  power iterations of "lowrank"; more is slower and closer to "full". Unused by "full".

@@ -6,10 +6,11 @@ An adapter file may come from a stranger, so nothing in it is trusted:
             dtype (F16, BF16, F32, F64), a shape whose byte size equals its offsets, and the offsets must tile
             the data section exactly (no gap, no overlap, nothing past the end). A file that declares terabytes
             is refused before anything is allocated: memory stays within the file's size.
-  metadata  format, format_version, a config that rebuilds a typed AdapterConfig, a list of unique targets.
+  metadata  format, format_version (1 or 2), per adapter a config that rebuilds a typed AdapterConfig and a
+            list of unique targets; every tensor key belongs to one adapter.
   values    every tensor must be finite. NaN/inf is refused (the run that wrote it diverged); never loaded.
   model     every target must be a linear layer of the model; every tensor's name, shape and dtype must be
-            what the variant would create on that layer.
+            what the method would create on that layer.
 Any failure raises CheckpointError (UnknownVariantError for an unregistered variant) naming the file.
 
 Target layers are resolved by their exact names in the file; the config's regexes are never run at load
@@ -18,6 +19,7 @@ time, so a hostile pattern cannot stall load (catastrophic backtracking).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -27,13 +29,14 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .errors import CheckpointError, ConfigError, TargetError
-from .runtime import _plan_layer
+from .errors import AttachStateError, CheckpointError, ConfigError, TargetError
+from .runtime import _NAME, CONTAINER, plan_layer
 from .target import d_model, is_linear_like, role_of
 from .typecheck import short_repr
 
 FORMAT = "lora-lite"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 MAX_HEADER_BYTES = 8 * 2**20  # ~100 bytes per tensor entry: room for ~80k adapter tensors
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
@@ -113,75 +116,129 @@ def _check_entry(name: str, entry, path: Path):
     return _DTYPES[dtype], tuple(shape), offsets
 
 
-def parse_metadata(meta: dict[str, str], path: Path) -> tuple[AdapterConfig, list[str]]:
+def parse_metadata(meta: dict[str, str], path: Path) -> dict[str, tuple[AdapterConfig, list[str]]]:
+    """{adapter name: (config, targets)} from a v1 or v2 file's metadata."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a lora-lite adapter (metadata format={short_repr(meta.get('format'))}, "
                               f"expected {FORMAT!r}); for PEFT directories use lora_lite.import_peft")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{str(path)!r} has format_version {short_repr(meta.get('format_version'))}; this "
-                              f"lora-lite reads version {FORMAT_VERSION}. Upgrade lora-lite or re-save the adapter")
-    for key in ("config", "targets"):
-        if key not in meta:
-            raise CheckpointError(f"{str(path)!r} lacks the {key!r} metadata entry; re-save it with lora_lite.save")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{str(path)!r} has format_version {short_repr(version)}; this lora-lite reads versions "
+                              f"{', '.join(READABLE_VERSIONS)}. Upgrade lora-lite or re-save the adapter")
+    if version == "1":
+        for key in ("config", "targets"):
+            if key not in meta:
+                raise CheckpointError(f"{str(path)!r} lacks the {key!r} metadata entry; re-save it with lora_lite.save")
+        config = _parse_json(meta["config"].encode(), path, "config metadata")
+        targets = _parse_json(meta["targets"].encode(), path, "targets metadata")
+        return {"default": (_config(_from_v1(config), path), _targets(targets, path))}
+    if "adapters" not in meta:
+        raise CheckpointError(f"{str(path)!r} lacks the 'adapters' metadata entry; re-save it with lora_lite.save")
+    adapters = _parse_json(meta["adapters"].encode(), path, "adapters metadata")
+    if not (isinstance(adapters, dict) and adapters):
+        raise _bad(path, f"its 'adapters' metadata is {short_repr(adapters)}; expected an object of adapters")
+    out = {}
+    for name, entry in adapters.items():
+        if not _NAME.fullmatch(name):
+            raise _bad(path, f"adapter name {short_repr(name)} is not 1-64 letters, digits, '_' or '-'")
+        if not (isinstance(entry, dict) and set(entry) == {"config", "targets"}):
+            raise _bad(path, f"adapter {name!r} must be an object with keys 'config' and 'targets'")
+        out[name] = (_config(entry["config"], path), _targets(entry["targets"], path))
+    return out
+
+
+def _from_v1(config):
+    """v1 configs carried r and alpha for every method; drop them where the method has none."""
+    if isinstance(config, dict) and isinstance(config.get("variant"), str):
+        from .variant import REGISTRY
+
+        cls = REGISTRY.get(config["variant"])
+        if cls is not None:
+            fields = {f.name for f in dataclasses.fields(cls.config)}
+            config = {k: v for k, v in config.items() if k in fields or k not in ("r", "alpha")}
+    return config
+
+
+def _config(config, path: Path) -> AdapterConfig:
     try:
-        cfg = AdapterConfig.from_dict(_parse_json(meta["config"].encode(), path, "config metadata"))
+        return AdapterConfig.from_dict(config)
     except ConfigError as e:
         raise CheckpointError(f"{str(path)!r} has an invalid config: {e}") from None
-    targets = _parse_json(meta["targets"].encode(), path, "targets metadata")
+
+
+def _targets(targets, path: Path) -> list[str]:
     if not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
-        raise _bad(path, f"its 'targets' metadata is {short_repr(targets)}; expected a non-empty list of module names")
+        raise _bad(path, f"its targets metadata is {short_repr(targets)}; expected a non-empty list of module names")
     if len(set(targets)) != len(targets):
-        raise _bad(path, "its 'targets' metadata names a module twice")
-    return cfg, targets
+        raise _bad(path, "its targets metadata names a module twice")
+    return targets
 
 
-def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def split_tensors(version: str, adapters: dict, tensors: dict[str, torch.Tensor],
+                  path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Group the file's tensors by adapter, re-keyed `<layer>.<lora tensor>`. Every key must belong to one."""
+    if version == "1":
+        return {"default": tensors}
+    out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in adapters}
+    for key, t in tensors.items():
+        lname, sep, rest = key.rpartition(f".{CONTAINER}.")
+        name, _, tname = rest.partition(".")
+        if not sep or name not in out or not tname:
+            raise _bad(path, f"tensor {short_repr(key)} is not `<layer>.{CONTAINER}.<adapter>.<tensor>` for an "
+                             f"adapter in its metadata ({sorted(adapters)})")
+        out[name][f"{lname}.{tname}"] = t
+    return out
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path, writing: bool = False) -> None:
     for key, t in tensors.items():
         if t.numel() == 0:
             continue
         low, high = torch.aminmax(t)  # one pass, no temporaries: NaN propagates, ±inf shows up in low or high
         if not (torch.isfinite(low) and torch.isfinite(high)):
             bad = int((~torch.isfinite(t)).sum())
-            raise CheckpointError(f"{key} in {str(path)!r} has {bad} NaN/inf values of {t.numel()}; lora-lite "
-                                  "refuses non-finite adapters. The training run diverged: lower the learning rate "
-                                  "and save from a finite step")
+            where = (f"save() refuses to write {str(path)!r} (any file there is unchanged): {key}" if writing
+                     else f"{key} in {str(path)!r}")
+            raise CheckpointError(f"{where} has {bad} NaN/inf values of {t.numel()}; lora-lite refuses non-finite "
+                                  "adapters. The training run diverged: lower the learning rate and save from a "
+                                  "finite step")
 
 
-def fit_to_model(model: nn.Module, variant: type, cfg: AdapterConfig, targets: list[str],
+def fit_to_model(model: nn.Module, variant: type, cfg: AdapterConfig, name: str, targets: list[str],
                  tensors: dict[str, torch.Tensor], path: Path) -> list[tuple[str, nn.Module, str | None]]:
     """Resolve the file's targets on `model` and check every tensor against them. Touches nothing."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hidden = d_model(model) if cfg.target_roles else 0
     plan, expected = [], {}
-    for name in targets:
+    for lname in targets:
         try:
-            layer = model.get_submodule(name)
+            layer = model.get_submodule(lname)
         except AttributeError:
             layer = None
         if layer is None or layer is model or layer is head or not is_linear_like(layer):
-            raise CheckpointError(f"{str(path)!r} adapts {name!r}, which is not a linear layer of this model; it was "
+            raise CheckpointError(f"{str(path)!r} adapts {lname!r}, which is not a linear layer of this model; it was "
                                   "saved for another architecture. Load it onto the base model it was trained on")
         try:
-            role = role_of(name, layer, hidden) if cfg.target_roles else None
+            role = role_of(lname, layer, hidden) if cfg.target_roles else None
             if cfg.target_roles and role not in cfg.target_roles:
-                raise TargetError(f"{name!r} is a {role} layer but the config keeps only {cfg.target_roles}")
-            specs = _plan_layer(variant, cfg, name, layer)
-        except (ConfigError, TargetError) as e:
-            raise CheckpointError(f"{str(path)!r} does not fit layer {name!r} of this model: {e}") from None
+                raise TargetError(f"{lname!r} is a {role} layer but the config keeps only {cfg.target_roles}")
+            specs = plan_layer(variant, cfg, name, lname, layer)
+        except (ConfigError, TargetError, AttachStateError) as e:
+            raise CheckpointError(f"{str(path)!r} does not fit layer {lname!r} of this model: {e}") from None
         dtypes = set()
         for tname, spec in specs.items():
-            key = f"{name}.{tname}"
+            key = f"{lname}.{tname}"
             expected[key] = spec.shape
             if key in tensors:
                 dtypes.add(tensors[key].dtype)
         if len(dtypes) > 1 or (cfg.dtype is not None and dtypes - {cfg.dtype}):
             want = cfg.dtype or "one float dtype"
-            raise CheckpointError(f"the tensors of {name!r} in {str(path)!r} have dtypes {sorted(map(str, dtypes))}; "
+            raise CheckpointError(f"the tensors of {lname!r} in {str(path)!r} have dtypes {sorted(map(str, dtypes))}; "
                                   f"expected {want} for all of them. Re-save the adapter with lora_lite.save")
-        plan.append((name, layer, role))
+        plan.append((lname, layer, role))
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{str(path)!r} does not match variant {cfg.variant!r} on its targets: missing "
+        raise CheckpointError(f"{str(path)!r}: adapter {name!r} does not match method {cfg.variant!r} on its targets: missing "
                               f"tensors {missing[:5]}, unexpected tensors {unexpected[:5]}. The file is damaged or "
                               "from another version; re-save it")
     for key, shape in expected.items():

@@ -1,35 +1,51 @@
 """The variant contract, the registry, and ParamSpec.
 
-A variant is a class (never instantiated) with static methods; the runtime finds the optional ones by
-`hasattr`, the way torchtune finds adapters by protocol:
+A method is one class (never instantiated) in one file under `lora_lite/variants/`, decorated with `@register`.
+That single registration is where every fact about the method lives; the runtime, merge/export, the benchmark,
+the cost report, the test matrix and every error message that lists methods read it from `REGISTRY`.
 
-    name: str                                   registry key, e.g. "lora"
-    config: type[AdapterConfig]                 its typed config
+Each adapter lives on its layer as an `Adapter` module (lora_lite.runtime) holding the `lora_*` tensors, the
+config (`a.cfg`) and the layer (`a.base`). Every member below that takes `a` gets that module; `forward` and
+`forward_input` get a view of it whose floating `lora_*` tensors are already cast to the activation dtype.
+
+Required
+    name: str                                   registry key, e.g. "lora"; also the config's `variant`
+    config: type[AdapterConfig]                 its typed config (a dataclass only this method uses)
     param_specs(d_in, d_out, cfg) -> {name: ParamSpec}    every tensor name starts with "lora_"
-    init(layer, cfg)                            fill the tensors; may read layer.weight, never writes it
-    forward(layer, x, y) -> y_new               post-hook: the *full* new output, not a delta
-  optional
-    forward_input(layer, x) -> x_new            pre-hook instead of `forward` (input-side variants)
-    group_init(model, targets, cfg, data)       model-level or data-driven init, run with hooks active
-    base_delta(layer) -> (d_out, d_in) tensor   the part of W the adapter takes over; the runtime writes
-                                                W <- W - base_delta and restores W bit-exactly on detach
-    delta_weight(layer) -> (d_out, d_in)        fp32 W_merged - W_current for additive variants (merge). W_current
-                                                is layer.weight as it is now (W_res for base_delta variants)
-    merged_weight(layer, W, bias) -> (W', b')   merge for non-additive variants: fp32 merged weight and bias from
-                                                the current dense W and bias (fp32; bias may be None). IA3 scales
-                                                rows and bias, RoAd rotates both, HRA multiplies W on the input side
-    lora_factors(layer) -> (A, B, scale)        fp32 A (k, d_in), B (d_out, k), float scale with
-                                                W_merged - W_original = scale · B A exactly, W_original being the
-                                                weight before attach. Makes the variant exportable as a plain LoRA
-                                                (export_peft); scale must be the same on every layer
-    needs_dense_weight: bool                    True if forward reads (DoRA) or attach rewrites (PiSSA) a dense
-                                                float weight; others read W only through quant.dense_weight
-    requires_calibration: bool                  True if group_init cannot run without data
-    check(d_in, d_out, cfg)                     raise ConfigError for shapes the variant cannot take
-    added_macs(d_in, d_out, cfg) -> int         forward multiply-accumulates per token the adapter adds to one
-                                                layer (matmuls plus elementwise multiplies; token-independent
-                                                work such as DoRA's row norm is not per token and not counted).
-                                                Used by `lora-lite cost`, which errors for a variant without it
+    forward(a, x, y) -> y_new                   post-hook: the *full* new output, not a delta
+      or forward_input(a, x) -> x_new           pre-hook, for input-side methods (IA3-FF, HRA)
+
+Attach time (optional)
+    check(d_in, d_out, cfg)                     raise ConfigError for shapes/knobs the method cannot take
+    init(a)                                     fill the tensors beyond their ParamSpec init; may read
+                                                a.base.weight, never writes it
+    group_init(model, adapters, cfg, data)      model-level or data-driven init, run with the hooks live;
+                                                adapters is the list of this attach's Adapter modules
+    requires_calibration = True                 attach refuses to start without calibration_data
+    needs_dense_weight = True                   init or forward reads (DoRA) or rewrites (PiSSA) a dense float
+                                                nn.Linear weight; quantized layers are refused up front
+    base_delta(a) -> (d_out, d_in)              the part of W the adapter takes over: the runtime writes
+                                                W <- W - base_delta while the adapter is active and restores W
+                                                bit-exactly when it is not (at most one such adapter per layer)
+
+Merge and export (optional)
+    delta_weight(a) -> (d_out, d_in) fp32       W_merged - W_current for additive methods (W_current is the layer
+                                                weight as it is, W_res for base_delta methods)
+    merged_weight(a, W, bias) -> (W', b') fp32  for non-additive methods (IA3 scales rows and bias, RoAd rotates
+                                                both, HRA multiplies W on the input side); bias may be None
+    lora_factors(a) -> (A, B, scale)            fp32 A (k, d_in), B (d_out, k) with W_merged - W_original =
+                                                scale·B A exactly: exportable as a plain LoRA (export_peft)
+
+Facts the rest of the package reads (optional unless noted)
+    paper = (label, url)                        for the README's method table (required)
+    params_per_layer = "r·(d_in + d_out)"       trainable numbers per adapted layer, for the same table (required)
+    added_macs(d_in, d_out, cfg) -> int         forward multiply-accumulates per token added to one layer
+                                                (matmuls and elementwise products; per-call work such as DoRA's
+                                                row norm is not per token). `lora-lite cost` needs it
+    bench = {"r": .., "alpha": number | "r", "lr": {preset: lr}, "targets": (..), "knobs": {..}}
+                                                benchmark defaults (lora_lite.bench.presets.defaults_row)
+    peft(cfg, target_names) -> (PeftConfig, label) | None
+                                                PEFT's equivalent, for the parity tests and the cost report
 """
 
 from __future__ import annotations
@@ -37,14 +53,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .config import AdapterConfig
+from .errors import ConfigError, UnknownVariantError
 
 InitFn = Callable[[torch.Tensor], Any]
+
+_BENCH_KEYS = {"r", "alpha", "lr", "targets", "knobs"}
 
 
 @dataclass(frozen=True)
@@ -78,40 +97,59 @@ class ParamSpec:
         return t
 
 
-class Variant(Protocol):
-    name: str
-
-    @staticmethod
-    def param_specs(d_in: int, d_out: int, cfg: Any) -> dict[str, ParamSpec]: ...
-
-    @staticmethod
-    def init(layer: nn.Module, cfg: Any) -> None: ...
-
-    @staticmethod
-    def forward(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
-
-
 REGISTRY: dict[str, type] = {}
 
 
 def register(cls: type) -> type:
-    """Class decorator: add a variant to REGISTRY under `cls.name`."""
+    """Class decorator: add a method to REGISTRY under `cls.name` and name its config after it."""
     name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"{cls.__qualname__} has no `name`; set name = '<variant>' on the class")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"{cls.__qualname__} needs `name = '<method>'`, a Python identifier such as 'lora'")
     if name in REGISTRY and REGISTRY[name].__qualname__ != cls.__qualname__:
-        raise ConfigError(f"variant name {name!r} is taken by {REGISTRY[name].__qualname__}; pick another name")
-    for attr in ("param_specs", "init"):
-        if not callable(getattr(cls, attr, None)):
-            raise ConfigError(f"variant {name!r} lacks `{attr}`; see lora_lite.variant for the contract")
-    if not (callable(getattr(cls, "forward", None)) or callable(getattr(cls, "forward_input", None))):
-        raise ConfigError(f"variant {name!r} needs `forward(layer, x, y)` or `forward_input(layer, x)`")
+        raise ConfigError(f"method name {name!r} is taken by {REGISTRY[name].__qualname__}; pick another name")
+    config = getattr(cls, "config", None)
+    if not (isinstance(config, type) and issubclass(config, AdapterConfig)):
+        raise ConfigError(f"method {name!r} needs `config = <its AdapterConfig subclass>`")
+    claimed = config.__dict__.get("variant")
+    if claimed not in (None, name):
+        raise ConfigError(f"{config.__name__} already belongs to method {claimed!r}; give {name!r} its own config class")
+    if not callable(getattr(cls, "param_specs", None)):
+        raise ConfigError(f"method {name!r} lacks `param_specs(d_in, d_out, cfg)`; see lora_lite.variant")
+    if callable(getattr(cls, "forward", None)) == callable(getattr(cls, "forward_input", None)):
+        raise ConfigError(f"method {name!r} needs exactly one of `forward(a, x, y)` and `forward_input(a, x)`")
+    for fact in ("paper", "params_per_layer"):
+        if not getattr(cls, fact, None):
+            raise ConfigError(f"method {name!r} lacks `{fact}` (the README's method table is built from it)")
+    bench = getattr(cls, "bench", None)
+    if bench is not None and (not isinstance(bench, dict) or set(bench) - _BENCH_KEYS or "lr" not in bench):
+        raise ConfigError(f"method {name!r}: `bench` must be a dict with 'lr' and only keys {sorted(_BENCH_KEYS)}")
+    config.variant = name
     REGISTRY[name] = cls
     return cls
 
 
+def variant_named(name: str) -> type:
+    if name not in REGISTRY:
+        raise UnknownVariantError(f"unknown method {name!r}; registered methods: {', '.join(sorted(REGISTRY))}. "
+                                  "Fix the name, or import the module that registers it")
+    return REGISTRY[name]
+
+
+def config_class(name: str) -> type[AdapterConfig]:
+    return variant_named(name).config
+
+
+def rewrites_weight(variant: type) -> bool:
+    return hasattr(variant, "base_delta")
+
+
+def hook_only_methods() -> list[str]:
+    """Methods that never need a dense float weight, so they run on bitsandbytes 4/8-bit layers."""
+    return sorted(n for n, v in REGISTRY.items() if not getattr(v, "needs_dense_weight", False))
+
+
 def check_rank(d_in: int, d_out: int, cfg: Any) -> None:
-    """Shared check for variants whose r indexes a low-rank factor of a (d_out, d_in) weight."""
+    """Shared check for methods whose r indexes a low-rank factor of a (d_out, d_in) weight."""
     fits = min(d_in, d_out)
     if cfg.r > fits:
         raise ConfigError(f"{cfg.variant}: r={cfg.r} exceeds min(d_in, d_out)={fits} of a {d_in}->{d_out} layer; "

@@ -307,7 +307,9 @@ def describe(plan: Plan, base_cached: bool) -> str:
         lines.append(f"  each run: {p.steps} steps x batch {p.batch_size * p.grad_accum}, then scored on {p.max_valid} "
                      f"valid and {test} test questions (greedy, up to {p.max_new_tokens} new tokens)"
                      + (", answer NLL" if p.metric == "nll" else "") + ", and forgetting")
-    lines.append(f"  model {p.model} ({p.dtype}, adapters {p.adapter_dtype or 'in the layer dtype'}) on "
+    dtypes = sorted({str(m.settings.cfg.dtype).removeprefix("torch.") if m.settings.cfg.dtype else "fp32 master"
+                     for m in plan.methods})
+    lines.append(f"  model {p.model} ({p.dtype}, adapter tensors {', '.join(dtypes) or '-'}) on "
                  f"{plan.device}, " + (f"{plan.threads} torch thread(s) ({plan.threads_note})" if plan.threads
                                        else plan.threads_note) + f"; output {plan.output_dir}")
     total = session_seconds(plan, base_cached)

@@ -1,10 +1,10 @@
 """Presets (where model and data come from, how long to train) and the per-variant defaults table.
 
-VARIANT_DEFAULTS is the one place a variant's benchmark settings live: its learning rate per preset, r,
-alpha (a number, or "r" for alpha = r) and, when they differ from the preset's, its targets and config knobs.
-Bench code reads it only through `defaults_row`. A registered variant with no row still runs: it gets its
-config class's r/alpha/targets and LoRA's lr, and `variant_settings` says so. Presets cap r at `max_r` for
-their small models, scaling alpha to keep alpha/r.
+A method's benchmark settings live in its registration (`bench` in its file; lora_lite.variant): its learning
+rate per preset, r, alpha (a number, or "r" for alpha = r) and, when they differ from the preset's, its targets
+and config knobs. Bench code reads them only through `defaults_row`. A registered method with no `bench` still
+runs: it gets its config class's r/alpha/targets and LoRA's lr, and `variant_settings` says so. Presets cap r at
+`max_r` for their small models, scaling alpha to keep alpha/r.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..cli_args import DTYPE_NAMES
 from ..config import ALL_LINEAR, AdapterConfig, config_class
 from ..errors import ConfigError
 from ..shared_data import gsm8k_file, stories260k_dir
+from ..variant import variant_named
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ class Preset:
     max_test: int | None = None
     max_valid: int = 50
     max_r: int | None = None
-    dtype: str = "float32"          # the base model's dtype
-    adapter_dtype: str | None = "float32"  # adapter tensors (None: the layer's dtype); fp32 trains in bf16 too
+    dtype: str = "float32"          # the base model's dtype (adapters keep fp32 master tensors unless --set dtype=)
     forget_data: str = "self"       # "self": text the base samples itself; else hub id / .jsonl with "text"
     forget_n: int = 32
     forget_len: int = 96
@@ -76,29 +75,9 @@ PRESETS = {
                    checkpoint_every=250),
 }
 
-_BASE = {"r": 32, "alpha": 64.0}
-VARIANT_DEFAULTS: dict[str, dict] = {
-    "lora":   {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
-    "pissa":  {**_BASE, "alpha": "r", "lr": {"qwen": 1e-4, "stories": 1e-3, "tiny": 3e-3}},
-    "dora":   {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
-    "delora": {**_BASE, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}},
-    "ia3":    {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 2e-1}, "targets": (r"(k_proj|v_proj)$",)},
-    "ia3_ff": {**_BASE, "lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 5e-2}, "targets": (r"down_proj$",)},
-    "hra":    {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
-    "road":   {**_BASE, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}, "knobs": {"group_size": 64}},
-    "eva":    {**_BASE, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}},
-    "lora_xs": {**_BASE, "alpha": "r", "lr": {"qwen": 4e-3, "stories": 1e-2, "tiny": 3e-2}},
-    "antipasto*": {"r": 256, "alpha": 256.0, "lr": {"qwen": 5e-3, "stories": 1e-2, "tiny": 3e-2}},
-}
-
-
 def defaults_row(variant: str) -> dict | None:
-    if variant in VARIANT_DEFAULTS:
-        return VARIANT_DEFAULTS[variant]
-    for key, row in VARIANT_DEFAULTS.items():
-        if key.endswith("*") and variant.startswith(key[:-1]):
-            return row
-    return None
+    """The method's benchmark defaults, as registered in its own file (`bench = {...}`); None if it has none."""
+    return getattr(variant_named(variant), "bench", None)
 
 
 @dataclass(frozen=True)
@@ -106,7 +85,7 @@ class VariantSettings:
     cfg: AdapterConfig
     lr: float
     default_lr: float
-    default_r: int
+    default_r: int | None
     notes: tuple[str, ...]
 
     def at_lr(self, lr: float) -> VariantSettings:
@@ -121,21 +100,28 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
     fields = {f.name: f for f in dataclasses.fields(cls)}
     row, notes = defaults_row(variant), []
     if row is None:
-        row = {"r": fields["r"].default, "alpha": fields["alpha"].default, "lr": defaults_row("lora")["lr"]}
-        notes.append(f"{variant} has no row in VARIANT_DEFAULTS: using {cls.__name__}'s r={row['r']}, "
-                     f"alpha={row['alpha']} and LoRA's lr for preset {preset.name!r}")
+        row = {"lr": defaults_row("lora")["lr"]}
+        notes.append(f"{variant} registers no benchmark defaults: using {cls.__name__}'s defaults and LoRA's lr "
+                     f"for preset {preset.name!r}")
     default_lr = row["lr"][preset.name] if preset.name in row["lr"] else row["lr"]["qwen"]
-    table_r = row["r"]
-    default_r = min(table_r, preset.max_r) if preset.max_r else table_r
-    use_r = r if r is not None else default_r
-    if alpha is None:
-        alpha = float(use_r) if row["alpha"] == "r" else float(row["alpha"]) * use_r / table_r
     class_targets = fields["target_names"].default
     if targets is None:
         targets = row.get("targets") or (class_targets if class_targets not in (ALL_LINEAR, ()) else preset.targets)
-    dtype = DTYPE_NAMES[preset.adapter_dtype] if preset.adapter_dtype else None
-    kwargs = {"r": use_r, "alpha": alpha, "target_names": tuple(targets), "dtype": dtype, **row.get("knobs", {}),
-              **(knobs or {})}
+    kwargs = {"target_names": tuple(targets), **row.get("knobs", {}), **(knobs or {})}
+    default_r = None
+    if "r" in fields:
+        table_r = row.get("r", fields["r"].default)
+        default_r = min(table_r, preset.max_r) if preset.max_r else table_r
+        kwargs["r"] = r if r is not None else default_r
+        if "alpha" in fields and alpha is None:
+            table_alpha = row.get("alpha", fields["alpha"].default)
+            alpha = float(kwargs["r"]) if table_alpha in ("r", None) else float(table_alpha) * kwargs["r"] / table_r
+    elif r is not None:
+        notes.append(f"{variant} has no rank: --r does not apply to it")
+    if "alpha" in fields:
+        kwargs["alpha"] = alpha
+    elif alpha is not None:
+        notes.append(f"{variant} has no alpha: --alpha does not apply to it")
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
         raise ConfigError(f"{variant}: unknown config fields {unknown} (from --set or the defaults table); "

@@ -20,20 +20,19 @@ from ..errors import LoraLiteError
 from ..io import atomic_write_bytes
 from .train import TrainSettings, attach_or_resume, train, trainable_named
 
-PRIORITY = ("lora_B", "lora_g", "lora_c", "lora_alpha", "lora_U", "lora_A", "lora_lambda", "lora_gate",
-            "lora_delta_s", "lora_m", "lora_road_theta", "lora_road_alpha")
-
 
 def perturb_effect(model, batch) -> tuple[str, float]:
-    named = trainable_named(model)
-    pick = next((n, p) for key in PRIORITY + ("lora_",) for n, p in named if key in n)
-    name, param = pick
+    """Nudge the first entry of every trainable tensor (one alone may sit behind a partner that starts at zero)."""
+    params = [p for _, p in trainable_named(model)]
+    saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         before = model(**batch).logits.float()
-        param.view(-1)[0] += 0.25
+        for p in params:
+            p.view(-1)[0] += 0.25
         after = model(**batch).logits.float()
-        param.view(-1)[0] -= 0.25
-    return name, (after - before).abs().max().item()
+        for p, value in zip(params, saved, strict=True):
+            p.copy_(value)
+    return f"the first entry of all {len(params)} trainable tensors", (after - before).abs().max().item()
 
 
 def probe_one(bench, vs, stop, reload_tol: float, label: str) -> dict:
@@ -60,9 +59,10 @@ def probe_one(bench, vs, stop, reload_tol: float, label: str) -> dict:
         trained = model(**inputs).logits.float()
     fresh = copy.deepcopy(bench.model)
     ll.load(fresh, path)
-    _, _, saved = ll.io.read_adapter_file(path)
+    (_, _, saved), = ll.io.read_adapter_file(path).values()
+    reloaded_layers = ll.runtime.adapter_layers(fresh)
     mismatched = [k for k, t in saved.items()
-                  if not torch.equal(getattr(fresh.get_submodule(k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1]).cpu(), t)]
+                  if not torch.equal(getattr(reloaded_layers[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).cpu(), t)]
     if mismatched:
         raise LoraLiteError(f"probe {vs.cfg.variant}: reloaded tensors differ from the file: {mismatched[:5]}")
     with torch.no_grad():

@@ -312,7 +312,8 @@ class Bench:
         train_settings = TrainSettings(steps=p.steps, lr=vs.lr, grad_accum=p.grad_accum,
                                        checkpoint_every=p.checkpoint_every)
         result = {"run_id": run_dir.name, "variant": cfg.variant, "preset": p.name, "model": p.model, "seed": seed,
-                  "lr": vs.lr, "default_lr": vs.default_lr, "r": cfg.r, "alpha": cfg.alpha, "config": cfg.to_dict(),
+                  "lr": vs.lr, "default_lr": vs.default_lr, "r": getattr(cfg, "r", None),
+                  "alpha": getattr(cfg, "alpha", None), "config": cfg.to_dict(),
                   "targets": list(ll.runtime.adapter_layers(model)), "trainable_params": n_trainable,
                   "calibration_batches": len(calibration or []), "notes": list(vs.notes),
                   "preset_settings": _jsonable(p), "settings_key": key, "settings": settings,
@@ -329,7 +330,7 @@ class Bench:
                 append_summary(self.opt.output_dir, result, p.metric)
             self.log(f"{label}: {e}")
             return result
-        init_tensors = ll.io.read_adapter_file(run_dir / "adapter_init.safetensors")[2]
+        (_, _, init_tensors), = ll.io.read_adapter_file(run_dir / "adapter_init.safetensors").values()
         result["adapter_delta"], result["adapter_unchanged"] = adapter_change(model, init_tensors)
         check_training(result)
         result.update(self._score_all(model, label))
@@ -348,9 +349,9 @@ def adapter_change(model, init: dict) -> tuple[float, dict]:
     """(sum over adapter tensors of ||after - init||, and per tensor name the fraction of entries training left
     exactly at their init: near 1 means updates were lost to rounding, as with bf16 adapters at a small lr)."""
     total, same, count = 0.0, {}, {}
-    for name, layer in ll.runtime.adapter_layers(model).items():
-        for tname in layer._lora_tensor_names:
-            after = getattr(layer, tname).detach().cpu()
+    for name, adapter in ll.runtime.adapter_layers(model).items():
+        for tname in adapter.tensor_names:
+            after = getattr(adapter, tname).detach().cpu()
             before = init[f"{name}.{tname}"].to(after.dtype)
             total += (after.float() - before.float()).norm().item()
             same[tname] = same.get(tname, 0) + int((after == before).sum())

@@ -69,8 +69,11 @@ def parse_variant(spec: str, r: int, alpha: float | None, targets: tuple[str, ..
     a list-valued field takes commas too (`layers=0,1`)."""
     name, _, rest = spec.partition(":")
     cls = config_class(name)
-    kwargs: dict = {"r": r, "target_names": targets}
-    if alpha is not None:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict = {"target_names": targets}
+    if "r" in fields:  # methods without a rank (IA3, RoAd) have their own size
+        kwargs["r"] = r
+    if alpha is not None and "alpha" in fields:
         kwargs["alpha"] = alpha
     for item in filter(None, _KNOB_SPLIT.split(rest)):
         key, value = split_knob(item, f"variant spec {spec!r}")

@@ -10,7 +10,7 @@ the original W is U (core − diag S) P, at most rank r, so each exports as an e
 oblique input projector P in place of Vh (`lora_P`); everything here takes the input-side buffer's name.
 
 Default r is 256 (only about r scalars train per layer). r above min(d_in, d_out) is a ConfigError naming
-the layer and the largest r that fits; it is never silently clipped. alpha is unused by the family.
+the layer and the largest r that fits; it is never silently clipped. The family has no alpha.
 """
 
 from dataclasses import dataclass
@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 from ..svd import SVDInitConfig, top_r_svd
 from ..variant import ParamSpec
+
+PAPER = ("wassname 2026", "https://arxiv.org/abs/2601.07473")
+BENCH = {"r": 256, "lr": {"qwen": 5e-3, "stories": 1e-2, "tiny": 3e-2}}
 
 
 @dataclass
@@ -43,17 +46,18 @@ def basis_specs(d_in, d_out, r, input_name="lora_Vh"):
 
 
 @torch.no_grad()
-def init_basis(layer, cfg):
+def init_basis(a):
     """Plain top-r SVD of W into lora_U / lora_S / lora_Vh (rounded to the adapter dtype by copy_)."""
-    U, S, Vh = top_r_svd(layer.weight, cfg.r, cfg.svd, cfg.niter)
-    layer.lora_U.copy_(U)
-    layer.lora_S.copy_(S)
-    layer.lora_Vh.copy_(Vh)
+    cfg = a.cfg
+    U, S, Vh = top_r_svd(a.base.weight, cfg.r, cfg.svd, cfg.niter)
+    a.lora_U.copy_(U)
+    a.lora_S.copy_(S)
+    a.lora_Vh.copy_(Vh)
 
 
-def basis_delta(layer, input_name="lora_Vh"):
+def basis_delta(a, input_name="lora_Vh"):
     """U diag(S) Vh (or U diag(S) P) in fp32: what the runtime subtracts from W."""
-    return (layer.lora_U.float() * layer.lora_S.float()) @ getattr(layer, input_name).float()
+    return (a.lora_U.float() * a.lora_S.float()) @ getattr(a, input_name).float()
 
 
 def basis_macs(d_in, d_out, cfg):
@@ -61,41 +65,41 @@ def basis_macs(d_in, d_out, cfg):
     return cfg.r * d_in + cfg.r + cfg.r * d_out
 
 
-def gain(layer):
+def gain(a):
     """(r,) factor 1 + ELU(coeff·g): e^z for z ≤ 0, 1 + z above, C¹, always > 0, exactly 1 at g = 0.
     (A linear 1 + z flips sign below −1, exp blows up, tanh needs an arbitrary bound.)"""
-    return 1.0 + gain_excess(layer)
+    return 1.0 + gain_excess(a)
 
 
-def gain_excess(layer):
+def gain_excess(a):
     """gain − 1 = ELU(coeff·g), computed directly (1 + ELU − 1 would cancel small changes)."""
-    cfg, g = layer._lora_cfg, layer.lora_g
+    cfg, g = a.cfg, a.lora_g
     if cfg.suppress_only:
         g = g.clamp(max=0.0)
     return F.elu(cfg.coeff * g)
 
 
-def gain_forward(layer, x, y, input_name="lora_Vh"):
+def gain_forward(a, x, y, input_name="lora_Vh"):
     """y + ((x Vhᵀ) ⊙ S ⊙ gain) Uᵀ: (..., d_in) -> (..., r) -> (..., d_out)."""
-    h = F.linear(x, getattr(layer, input_name)) * (layer.lora_S * gain(layer))
-    return y + F.linear(h, layer.lora_U)
+    h = F.linear(x, getattr(a, input_name)) * (a.lora_S * gain(a))
+    return y + F.linear(h, a.lora_U)
 
 
-def gain_delta_weight(layer, input_name="lora_Vh"):
+def gain_delta_weight(a, input_name="lora_Vh"):
     """U diag(S ⊙ gain) Vh: the dense path that gain_forward adds on top of W_res."""
-    s_eff = layer.lora_S.float() * gain(layer).float()
-    return (layer.lora_U.float() * s_eff) @ getattr(layer, input_name).float()
+    s_eff = a.lora_S.float() * gain(a).float()
+    return (a.lora_U.float() * s_eff) @ getattr(a, input_name).float()
 
 
-def core_lora_factors(layer, core_change, input_name="lora_Vh"):
+def core_lora_factors(a, core_change, input_name="lora_Vh"):
     """Export form of W_res + U C P − W = U (C − diag S) P for an (r, r) core change C − diag S.
 
     Rank r against the original W: A = P (r, d_in), B = U (C − diag S) (d_out, r), scale 1.
     """
-    return getattr(layer, input_name).float(), layer.lora_U.float() @ core_change.float(), 1.0
+    return getattr(a, input_name).float(), a.lora_U.float() @ core_change.float(), 1.0
 
 
-def gain_lora_factors(layer, input_name="lora_Vh"):
+def gain_lora_factors(a, input_name="lora_Vh"):
     """The gain family: U diag(S ⊙ (gain − 1)) P, a diagonal core change."""
-    s_change = layer.lora_S.float() * gain_excess(layer).float()
-    return getattr(layer, input_name).float(), layer.lora_U.float() * s_change, 1.0
+    s_change = a.lora_S.float() * gain_excess(a).float()
+    return getattr(a, input_name).float(), a.lora_U.float() * s_change, 1.0

@@ -8,9 +8,9 @@ Rotate W's frozen top-r singular basis in small blocks and shift its singular va
     y' = x W_resᵀ + ((x Vh_effᵀ) ⊙ (S + δs)) U_effᵀ
 
 R is applied block by block (a batched (b, b) @ (b, d) product), never as a dense r×r matrix.
-Trainable: δs (r,) starting at 4e-4 + N(0, 4e-4) (antipasto3's small positive bias: breaks the sign symmetry
-a rotation cannot, trains faster than zeros), T (and T_u) zeros, so R = I at init.
-Identity at init is therefore approximate: the output moves by (x Vhᵀ ⊙ δs) Uᵀ, about 1e-3 of the top-r path.
+Trainable: δs (r,) and T (and T_u), all zeros, so R = I and the output is the base's at init (up to one rounding
+of W_res). Both still get a gradient at step 0: ∂y/∂δs = (x Vhᵀ) Uᵀ, and the Cayley map's derivative at 0 is
+½(T − Tᵀ) ≠ 0. (antipasto3 starts δs at 4e-4 + N(0, 4e-4); that breaks identity, so it is not kept here.)
 Needs a dense nn.Linear (W is rewritten through `base_delta`). Trainable params per layer:
 r + (r/b)·b(b−1)/2 per rotated side (rotate_basis "none": r).
 """
@@ -30,7 +30,6 @@ _BASES = ("V", "U", "both", "none")
 
 @dataclass
 class AntiPaSTOConfig(basis.SVDBasisConfig):
-    variant = "antipasto"
     block_size: int = 4
     max_rotation_angle: float = 0.5
     rotate_basis: str = "V"
@@ -48,15 +47,15 @@ def block_rotations(T: torch.Tensor, block_size: int, max_angle: float) -> torch
     return torch.linalg.solve(eye - A / 2, eye + A / 2)
 
 
-def rotated_basis(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def rotated_basis(a) -> tuple[torch.Tensor, torch.Tensor]:
     """(U_eff, Vh_eff) in the adapter dtype."""
-    cfg, U, Vh = layer._lora_cfg, layer.lora_U, layer.lora_Vh
+    cfg, U, Vh = a.cfg, a.lora_U, a.lora_Vh
     b, angle = cfg.block_size, cfg.max_rotation_angle
     if cfg.rotate_basis in ("V", "both"):
-        R = block_rotations(layer.lora_rot_T, b, angle).to(Vh.dtype)
+        R = block_rotations(a.lora_rot_T, b, angle).to(Vh.dtype)
         Vh = (R @ Vh.reshape(-1, b, Vh.shape[1])).reshape(Vh.shape)  # R_n Vh_n per block
     if cfg.rotate_basis in ("U", "both"):
-        T_u = layer.lora_rot_T_u if cfg.rotate_basis == "both" else layer.lora_rot_T
+        T_u = a.lora_rot_T_u if cfg.rotate_basis == "both" else a.lora_rot_T
         R_u = block_rotations(T_u, b, angle).to(U.dtype)
         U = torch.einsum("dnb,ncb->dnc", U.reshape(U.shape[0], -1, b), R_u).reshape(U.shape)  # U_n R_nᵀ
     return U, Vh
@@ -66,6 +65,9 @@ def rotated_basis(layer) -> tuple[torch.Tensor, torch.Tensor]:
 class AntiPaSTO:
     name = "antipasto"
     config = AntiPaSTOConfig
+    paper = basis.PAPER
+    params_per_layer = "r + (r/b)·b(b−1)/2 per rotated side"
+    bench = basis.BENCH
     needs_dense_weight = True
 
     init = staticmethod(basis.init_basis)
@@ -86,7 +88,7 @@ class AntiPaSTO:
     @staticmethod
     def param_specs(d_in, d_out, cfg):
         specs = {**basis.basis_specs(d_in, d_out, cfg.r),
-                 "lora_delta_s": ParamSpec((cfg.r,), lambda t: t.normal_(0, 4e-4).add_(4e-4))}
+                 "lora_delta_s": ParamSpec((cfg.r,), "zeros")}
         n_blocks, n_angles = cfg.r // cfg.block_size, cfg.block_size * (cfg.block_size - 1) // 2
         if cfg.rotate_basis != "none":
             specs["lora_rot_T"] = ParamSpec((n_blocks, n_angles), "zeros")
@@ -95,27 +97,27 @@ class AntiPaSTO:
         return specs
 
     @staticmethod
-    def forward(layer, x, y):
-        U, Vh = rotated_basis(layer)
-        h = (x @ Vh.T) * (layer.lora_S + layer.lora_delta_s)
+    def forward(a, x, y):
+        U, Vh = rotated_basis(a)
+        h = (x @ Vh.T) * (a.lora_S + a.lora_delta_s)
         return y + h @ U.T
 
     @staticmethod
-    def delta_weight(layer):
-        U, Vh = rotated_basis(layer)
-        return (U.float() * (layer.lora_S + layer.lora_delta_s).float()) @ Vh.float()
+    def delta_weight(a):
+        U, Vh = rotated_basis(a)
+        return (U.float() * (a.lora_S + a.lora_delta_s).float()) @ Vh.float()
 
     @staticmethod
-    def lora_factors(layer):
+    def lora_factors(a):
         """U R_uᵀ diag(S + δs) R_v Vh − U diag(S) Vh: the rotations stay inside the basis, so the change is
         U M Vh with the (r, r) M = R_uᵀ diag(S + δs) R_v − diag(S), rank r."""
-        cfg, S = layer._lora_cfg, layer.lora_S.float()
+        cfg, S = a.cfg, a.lora_S.float()
         eye = torch.eye(cfg.r, device=S.device)
 
         def dense(T):
             return torch.block_diag(*block_rotations(T, cfg.block_size, cfg.max_rotation_angle))
-        R_v = dense(layer.lora_rot_T) if cfg.rotate_basis in ("V", "both") else eye
-        T_u = layer.lora_rot_T_u if cfg.rotate_basis == "both" else getattr(layer, "lora_rot_T", None)
+        R_v = dense(a.lora_rot_T) if cfg.rotate_basis in ("V", "both") else eye
+        T_u = a.lora_rot_T_u if cfg.rotate_basis == "both" else getattr(a, "lora_rot_T", None)
         R_u = dense(T_u) if cfg.rotate_basis in ("U", "both") else eye
-        M = R_u.T @ (S + layer.lora_delta_s.float()).diag() @ R_v - S.diag()
-        return basis.core_lora_factors(layer, M)
+        M = R_u.T @ (S + a.lora_delta_s.float()).diag() @ R_v - S.diag()
+        return basis.core_lora_factors(a, M)

@@ -21,7 +21,6 @@ from .antipasto_corda import AntiPaSTOCorDA, orient
 
 @dataclass
 class AntiPaSTOASVDConfig(basis.GainConfig):
-    variant = "antipasto_asvd"
     cov_eps: float = 1e-3
 
 
@@ -34,7 +33,8 @@ def diagonal_roots(second_moment: torch.Tensor, eps: float) -> tuple[torch.Tenso
 class AntiPaSTOASVD(AntiPaSTOCorDA):
     name = "antipasto_asvd"
     config = AntiPaSTOASVDConfig
+    paper = ("Yuan+ 2023", "https://arxiv.org/abs/2312.05821")
 
     @staticmethod
-    def group_init(model, targets, cfg, calibration_data):
-        orient(model, targets, cfg, calibration_data, diagonal_roots, diagonal=True)
+    def group_init(model, adapters, cfg, calibration_data):
+        orient(model, adapters, cfg, calibration_data, diagonal_roots, diagonal=True)

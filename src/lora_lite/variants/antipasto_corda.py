@@ -29,7 +29,6 @@ from . import _svd_basis as basis
 
 @dataclass
 class AntiPaSTOCorDAConfig(basis.GainConfig):
-    variant = "antipasto_corda"
     cov_eps: float = 1e-3
 
 
@@ -41,22 +40,25 @@ def covariance_roots(C: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def orient(model, targets, cfg, data, roots, diagonal=False):
+def orient(model, adapters, cfg, data, roots, diagonal=False):
     """Shared by corda and asvd: roots(C, eps) gives (M, M⁻¹), (d_in, d_in) matrices or, when diagonal, (d_in,)."""
-    moments = input_moments(model, targets, data, min_tokens=cfg.r, variant=cfg.variant, diagonal=diagonal)
-    for name, layer in targets:
-        W = layer.weight.float()  # still the original W: U, S, P are zero until this point
-        half, inv_half = (m.to(W.device) for m in roots(moments[name].to(W.device), cfg.cov_eps))
+    moments = input_moments(model, [a.base for a in adapters], data, min_tokens=cfg.r, variant=cfg.variant, diagonal=diagonal)
+    for a, C in zip(adapters, moments, strict=True):
+        W = a.base.weight.float()  # still the original W: U, S, P are zero until this point
+        half, inv_half = (m.to(W.device) for m in roots(C.to(W.device), cfg.cov_eps))
         U, S, Vt = top_r_svd(W @ half if half.ndim == 2 else W * half, cfg.r, cfg.svd, cfg.niter)
-        layer.lora_U.copy_(U)
-        layer.lora_S.copy_(S)
-        layer.lora_P.copy_(Vt @ inv_half if inv_half.ndim == 2 else Vt * inv_half)
+        a.lora_U.copy_(U)
+        a.lora_S.copy_(S)
+        a.lora_P.copy_(Vt @ inv_half if inv_half.ndim == 2 else Vt * inv_half)
 
 
 @register
 class AntiPaSTOCorDA:
     name = "antipasto_corda"
     config = AntiPaSTOCorDAConfig
+    paper = ("Yang+ 2024", "https://arxiv.org/abs/2406.05223")
+    params_per_layer = "r; needs calibration_data"
+    bench = basis.BENCH
     needs_dense_weight = True
     requires_calibration = True
 
@@ -68,25 +70,22 @@ class AntiPaSTOCorDA:
         return {**basis.basis_specs(d_in, d_out, cfg.r, "lora_P"), "lora_g": ParamSpec((cfg.r,), "zeros")}
 
     @staticmethod
-    def init(layer, cfg):
-        pass  # zero basis = exact identity during calibration; group_init fills it
+    def group_init(model, adapters, cfg, calibration_data):
+        # U, S, P start at zero: an exact identity (W untouched) while the calibration forwards run
+        orient(model, adapters, cfg, calibration_data, covariance_roots)
 
     @staticmethod
-    def group_init(model, targets, cfg, calibration_data):
-        orient(model, targets, cfg, calibration_data, covariance_roots)
+    def base_delta(a):
+        return basis.basis_delta(a, "lora_P")
 
     @staticmethod
-    def base_delta(layer):
-        return basis.basis_delta(layer, "lora_P")
+    def forward(a, x, y):
+        return basis.gain_forward(a, x, y, "lora_P")
 
     @staticmethod
-    def forward(layer, x, y):
-        return basis.gain_forward(layer, x, y, "lora_P")
+    def delta_weight(a):
+        return basis.gain_delta_weight(a, "lora_P")
 
     @staticmethod
-    def delta_weight(layer):
-        return basis.gain_delta_weight(layer, "lora_P")
-
-    @staticmethod
-    def lora_factors(layer):
-        return basis.gain_lora_factors(layer, "lora_P")
+    def lora_factors(a):
+        return basis.gain_lora_factors(a, "lora_P")

@@ -26,7 +26,6 @@ from . import _svd_basis as basis
 
 @dataclass
 class AntiPaSTODPLRConfig(basis.GainConfig):
-    variant = "antipasto_dplr"
     core_rank: int = 8
 
 
@@ -34,6 +33,9 @@ class AntiPaSTODPLRConfig(basis.GainConfig):
 class AntiPaSTODPLR:
     name = "antipasto_dplr"
     config = AntiPaSTODPLRConfig
+    paper = basis.PAPER
+    params_per_layer = "r + 2·r·k"
+    bench = basis.BENCH
     needs_dense_weight = True
 
     init = staticmethod(basis.init_basis)
@@ -56,19 +58,19 @@ class AntiPaSTODPLR:
                 "lora_A": ParamSpec((k, r), "kaiming"), "lora_B": ParamSpec((r, k), "zeros")}
 
     @staticmethod
-    def forward(layer, x, y):
-        p = F.linear(x, layer.lora_Vh)
-        h = p * (layer.lora_S * basis.gain(layer))
-        h = h + layer._lora_cfg.coeff * F.linear(F.linear(p, layer.lora_A), layer.lora_B)
-        return y + F.linear(h, layer.lora_U)
+    def forward(a, x, y):
+        p = F.linear(x, a.lora_Vh)
+        h = p * (a.lora_S * basis.gain(a))
+        h = h + a.cfg.coeff * F.linear(F.linear(p, a.lora_A), a.lora_B)
+        return y + F.linear(h, a.lora_U)
 
     @staticmethod
-    def delta_weight(layer):
-        core = layer._lora_cfg.coeff * (layer.lora_B.float() @ layer.lora_A.float())
-        core = core + (layer.lora_S.float() * basis.gain(layer).float()).diag()
-        return layer.lora_U.float() @ core @ layer.lora_Vh.float()
+    def delta_weight(a):
+        core = a.cfg.coeff * (a.lora_B.float() @ a.lora_A.float())
+        core = core + (a.lora_S.float() * basis.gain(a).float()).diag()
+        return a.lora_U.float() @ core @ a.lora_Vh.float()
 
     @staticmethod
-    def lora_factors(layer):
-        change = layer._lora_cfg.coeff * (layer.lora_B.float() @ layer.lora_A.float())
-        return basis.core_lora_factors(layer, change + (layer.lora_S.float() * basis.gain_excess(layer).float()).diag())
+    def lora_factors(a):
+        change = a.cfg.coeff * (a.lora_B.float() @ a.lora_A.float())
+        return basis.core_lora_factors(a, change + (a.lora_S.float() * basis.gain_excess(a).float()).diag())

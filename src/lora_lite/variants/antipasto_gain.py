@@ -21,13 +21,16 @@ from . import _svd_basis as basis
 
 @dataclass
 class AntiPaSTOGainConfig(basis.GainConfig):
-    variant = "antipasto_gain"
+    pass
 
 
 @register
 class AntiPaSTOGain:
     name = "antipasto_gain"
     config = AntiPaSTOGainConfig
+    paper = basis.PAPER
+    params_per_layer = "r"
+    bench = basis.BENCH
     needs_dense_weight = True
 
     check = staticmethod(check_svd_init)

@@ -19,27 +19,35 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import LowRankConfig
 from ..errors import ConfigError
 from ..quant import dense_weight
 from ..variant import ParamSpec, check_rank, register
 
 
 @dataclass
-class DeLoRAConfig(AdapterConfig):
-    variant = "delora"
+class DeLoRAConfig(LowRankConfig):
     lambda0: float = 15.0
 
 
-def _factor_scale(layer):
-    A, B = layer.lora_A, layer.lora_B
-    return (layer.lora_lambda / layer._lora_cfg.r) / (A.norm(dim=1).clamp_min(1e-4) * B.norm(dim=0).clamp_min(1e-4))
+def _factor_scale(a):
+    A, B = a.lora_A, a.lora_B
+    return (a.lora_lambda / a.cfg.r) / (A.norm(dim=1).clamp_min(1e-4) * B.norm(dim=0).clamp_min(1e-4))
 
 
 @register
 class DeLoRA:
     name = "delora"
     config = DeLoRAConfig
+    paper = ("Bini+ 2025", "https://arxiv.org/abs/2503.18225")
+    params_per_layer = "r·(d_in + d_out) + 1"
+    bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}}
+
+    @staticmethod
+    def peft(cfg, targets):
+        import peft
+
+        return peft.DeloraConfig(r=cfg.r, delora_lambda=cfg.lambda0, target_modules=list(targets)), "DeloraConfig"
 
     @staticmethod
     def check(d_in, d_out, cfg):
@@ -59,20 +67,20 @@ class DeLoRA:
 
     @staticmethod
     @torch.no_grad()
-    def init(layer, cfg):
-        layer.lora_wnorm.copy_(torch.linalg.vector_norm(dense_weight(layer), dim=0))
+    def init(a):
+        a.lora_wnorm.copy_(torch.linalg.vector_norm(dense_weight(a.base), dim=0))
 
     @staticmethod
-    def forward(layer, x, y):
-        h = F.linear(x * layer.lora_wnorm, layer.lora_A) * _factor_scale(layer)
-        return y + F.linear(h, layer.lora_B)
+    def forward(a, x, y):
+        h = F.linear(x * a.lora_wnorm, a.lora_A) * _factor_scale(a)
+        return y + F.linear(h, a.lora_B)
 
     @staticmethod
-    def delta_weight(layer):
-        A, B = layer.lora_A.float(), layer.lora_B.float()
-        return (B * _factor_scale(layer).float()) @ A * layer.lora_wnorm.float()
+    def delta_weight(a):
+        A, B = a.lora_A.float(), a.lora_B.float()
+        return (B * _factor_scale(a).float()) @ A * a.lora_wnorm.float()
 
     @staticmethod
-    def lora_factors(layer):
-        A = _factor_scale(layer).float()[:, None] * layer.lora_A.float() * layer.lora_wnorm.float()
-        return A, layer.lora_B.float(), 1.0
+    def lora_factors(a):
+        A = _factor_scale(a).float()[:, None] * a.lora_A.float() * a.lora_wnorm.float()
+        return A, a.lora_B.float(), 1.0

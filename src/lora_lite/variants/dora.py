@@ -21,21 +21,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import LowRankConfig
 from ..variant import ParamSpec, check_rank, register
-from .lora import LoRA
+from .lora import LoRA, peft_lora
 
 
 @dataclass
-class DoRAConfig(AdapterConfig):
-    variant = "dora"
+class DoRAConfig(LowRankConfig):
+    pass
 
 
-def row_norm(layer) -> torch.Tensor:
+def row_norm(a) -> torch.Tensor:
     """‖W + s·B A‖ per output row, in fp32, without building B A."""
-    W, A, B, s = layer.weight, layer.lora_A.float(), layer.lora_B.float(), layer._lora_cfg.scale
+    W, A, B, s = a.base.weight, a.lora_A.float(), a.lora_B.float(), a.cfg.scale
     w_sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
-    WA = F.linear(W, layer.lora_A.to(W.dtype)).float()  # (d_out, r)
+    WA = F.linear(W, a.lora_A.to(W.dtype)).float()  # (d_out, r)
     cross = (B * WA).sum(1)
     ba_sq = ((B @ (A @ A.T)) * B).sum(1)
     return (w_sq + 2 * s * cross + s * s * ba_sq).clamp_min(0).sqrt().clamp_min(1e-12)
@@ -45,9 +45,16 @@ def row_norm(layer) -> torch.Tensor:
 class DoRA:
     name = "dora"
     config = DoRAConfig
+    paper = ("Liu+ 2024", "https://arxiv.org/abs/2402.09353")
+    params_per_layer = "r·(d_in + d_out) + d_out"
+    bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
     needs_dense_weight = True
 
     check = staticmethod(check_rank)
+
+    @staticmethod
+    def peft(cfg, targets):
+        return peft_lora(cfg, targets, use_dora=True), "LoraConfig(use_dora=True)"
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -60,23 +67,24 @@ class DoRA:
 
     @staticmethod
     @torch.no_grad()
-    def init(layer, cfg):
-        layer.lora_m.copy_(torch.linalg.vector_norm(layer.weight, dim=1, dtype=torch.float32))
+    def init(a):
+        a.lora_m.copy_(torch.linalg.vector_norm(a.base.weight, dim=1, dtype=torch.float32))
 
     @staticmethod
-    def forward(layer, x, y):
-        with torch.no_grad():  # in m's dtype, so m / n is exactly 1 at init even in bf16
-            norm = row_norm(layer).to(layer.lora_m.dtype)
-        magnitude = layer.lora_m / norm
-        wx = y if layer.bias is None else y - layer.bias
+    def forward(a, x, y):
+        with torch.no_grad():  # rounded like the stored m, so m / n is exactly 1 at init in every dtype
+            norm = row_norm(a.master).to(a.master.lora_m.dtype).to(a.lora_m.dtype)
+        magnitude = a.lora_m / norm
+        bias = a.base.bias
+        wx = y if bias is None else y - bias
         # y + [(m/n − 1) ⊙ Wx + (m/n) ⊙ s·BAx]: the untouched y (bias included) is never re-rounded
-        lora = F.linear(F.linear(x, layer.lora_A) * layer._lora_cfg.scale, layer.lora_B)
+        lora = F.linear(F.linear(x, a.lora_A) * a.cfg.scale, a.lora_B)
         out = (magnitude - 1) * wx
         out += magnitude * lora  # in place: the same roundings as y + (a + b), two (..., d_out) buffers fewer
         return out.add_(y)
 
     @staticmethod
-    def delta_weight(layer):
-        W = layer.weight.float()
-        V = W + LoRA.delta_weight(layer)
-        return (layer.lora_m.float() / row_norm(layer))[:, None] * V - W
+    def delta_weight(a):
+        W = a.base.weight.float()
+        V = W + LoRA.delta_weight(a)
+        return (a.lora_m.float() / row_norm(a))[:, None] * V - W

@@ -20,20 +20,23 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration import input_moments
-from ..config import AdapterConfig
+from ..config import LowRankConfig
 from ..variant import ParamSpec, check_rank, register
 from .lora import LoRA
 
 
 @dataclass
-class EVAConfig(AdapterConfig):
-    variant = "eva"
+class EVAConfig(LowRankConfig):
+    pass
 
 
 @register
 class EVA:
     name = "eva"
     config = EVAConfig
+    paper = ("Paischer+ 2024", "https://arxiv.org/abs/2410.07170")
+    params_per_layer = "r·(d_in + d_out); needs calibration_data"
+    bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
     requires_calibration = True
 
     check = staticmethod(check_rank)
@@ -47,14 +50,10 @@ class EVA:
         return {"lora_A": ParamSpec((cfg.r, d_in), "zeros"), "lora_B": ParamSpec((d_out, cfg.r), "zeros")}
 
     @staticmethod
-    def init(layer, cfg):
-        pass  # A comes from the data in group_init; B = 0 keeps the calibration forwards at identity
-
-    @staticmethod
     @torch.no_grad()
-    def group_init(model, targets, cfg, calibration_data):
-        moments = input_moments(model, targets, calibration_data, min_tokens=cfg.r, variant=cfg.variant)
-        for name, layer in targets:
-            C = moments[name].to(layer.lora_A.device)
-            _, Q = torch.linalg.eigh(C)  # ascending eigenvalues
-            layer.lora_A.copy_(Q[:, -cfg.r:].flip(-1).T)
+    def group_init(model, adapters, cfg, calibration_data):
+        # A starts at zero and B = 0, so the calibration forwards see the base model
+        moments = input_moments(model, [a.base for a in adapters], calibration_data, min_tokens=cfg.r, variant=cfg.variant)
+        for a, C in zip(adapters, moments, strict=True):
+            _, Q = torch.linalg.eigh(C.to(a.lora_A.device))  # ascending eigenvalues
+            a.lora_A.copy_(Q[:, -cfg.r:].flip(-1).T)

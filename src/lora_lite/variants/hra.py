@@ -22,15 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import RankConfig
 from ..errors import ConfigError
 from ..quant import dense_weight
 from ..variant import ParamSpec, check_rank, register
 
 
 @dataclass
-class HRAConfig(AdapterConfig):
-    variant = "hra"
+class HRAConfig(RankConfig):
+    pass
 
 
 def _paired_kaiming(t: torch.Tensor) -> None:
@@ -39,13 +39,13 @@ def _paired_kaiming(t: torch.Tensor) -> None:
     t.copy_(half.repeat_interleave(2, dim=0))
 
 
-def wy_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def wy_factors(a) -> tuple[torch.Tensor, torch.Tensor]:
     """U (r, d_in) as stored, and Tᵀ (r, r), such that R = I − Uᵀ T U.
 
     T⁻¹ = striu(U Uᵀ) + ½ diag(U Uᵀ) holds for rows of any length, so U is never normalised: with the paired
     init, T's two columns for a pair are exact opposites and the correction cancels exactly, even in bf16.
     """
-    U = layer.lora_U
+    U = a.lora_U
     G = U.float() @ U.float().T
     eye = torch.eye(U.shape[0], dtype=torch.float32, device=U.device)
     S = torch.triu(G, diagonal=1) + torch.diag(0.5 * G.diagonal().clamp_min(1e-12))
@@ -57,6 +57,15 @@ def wy_factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
 class HRA:
     name = "hra"
     config = HRAConfig
+    paper = ("Yuan+ 2024", "https://arxiv.org/abs/2405.17484")
+    params_per_layer = "r·d_in (r even)"
+    bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
+
+    @staticmethod
+    def peft(cfg, targets):
+        import peft
+
+        return peft.HRAConfig(r=cfg.r, target_modules=list(targets)), "HRAConfig"
 
     @staticmethod
     def check(d_in, d_out, cfg):
@@ -73,30 +82,26 @@ class HRA:
         return 2 * cfg.r * d_in + cfg.r * cfg.r  # x Yᵀ, · Tᵀ, · Y  (building Y and T is per call)
 
     @staticmethod
-    def init(layer, cfg):
-        pass  # the paired init lives in the ParamSpec
-
-    @staticmethod
-    def forward_input(layer, x):
-        U, Tt = wy_factors(layer)
+    def forward_input(a, x):
+        U, Tt = wy_factors(a)
         return x - F.linear(F.linear(x, U) @ Tt, U.T)
 
     @staticmethod
-    def rotation(layer) -> torch.Tensor:
+    def rotation(a) -> torch.Tensor:
         """The explicit (d_in, d_in) R, for merging and tests."""
-        U, Tt = wy_factors(layer)
+        U, Tt = wy_factors(a)
         U, T = U.float(), Tt.float().T
         return torch.eye(U.shape[1], device=U.device) - U.T @ T @ U
 
     @staticmethod
-    def merged_weight(layer, W, bias):
-        U, Tt = wy_factors(layer)
+    def merged_weight(a, W, bias):
+        U, Tt = wy_factors(a)
         U, T = U.float(), Tt.float().T
         return W - ((W @ U.T) @ T) @ U, bias  # W R in O(d_out·d_in·r), never building R
 
     @staticmethod
-    def lora_factors(layer):
+    def lora_factors(a):
         """W R − W = −W Uᵀ T U: rank ≤ r, so A = U and B = −W Uᵀ T, in closed form."""
-        U, Tt = wy_factors(layer)
+        U, Tt = wy_factors(a)
         U, T = U.float(), Tt.float().T
-        return U, -(dense_weight(layer) @ U.T @ T), 1.0
+        return U, -(dense_weight(a.base) @ U.T @ T), 1.0

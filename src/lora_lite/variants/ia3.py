@@ -5,8 +5,8 @@ Learning", arXiv 2205.05638. Output-gate form, meant for k_proj / v_proj.
 
 Identity is exact. Hook-only, so it works on quantized layers. Trainable params per layer: d_out.
 Merge: W' = diag(g) W, b' = g ⊙ b. ΔW rescales every row, so it is full rank: no LoRA export.
-bf16 note: the spacing of bf16 near 1.0 is 7.8e-3, so updates far below ~4e-3 round away; use lr ≳ 5e-3
-or fp32 adapters. r and alpha are unused.
+Keep the default fp32 storage on bf16 models: the spacing of bf16 near 1.0 is 7.8e-3, so updates far below
+~4e-3 would round away in a bf16 g.
 """
 
 from dataclasses import dataclass
@@ -17,7 +17,6 @@ from ..variant import ParamSpec, register
 
 @dataclass
 class IA3Config(AdapterConfig):
-    variant = "ia3"
     target_names: tuple[str, ...] | str = (r"(k_proj|v_proj)$",)
 
 
@@ -25,6 +24,15 @@ class IA3Config(AdapterConfig):
 class IA3:
     name = "ia3"
     config = IA3Config
+    paper = ("Liu+ 2022", "https://arxiv.org/abs/2205.05638")
+    params_per_layer = "d_out (output gate, k/v)"
+    bench = {"lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 2e-1}, "targets": (r"(k_proj|v_proj)$",)}
+
+    @staticmethod
+    def peft(cfg, targets):
+        import peft
+
+        return peft.IA3Config(target_modules=list(targets), feedforward_modules=[]), "IA3Config"
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -35,14 +43,10 @@ class IA3:
         return d_out  # y ⊙ g
 
     @staticmethod
-    def init(layer, cfg):
-        pass  # g = 1 is the whole init
+    def forward(a, x, y):
+        return y * a.lora_g
 
     @staticmethod
-    def forward(layer, x, y):
-        return y * layer.lora_g
-
-    @staticmethod
-    def merged_weight(layer, W, bias):
-        g = layer.lora_g.float()
+    def merged_weight(a, W, bias):
+        g = a.lora_g.float()
         return g[:, None] * W, None if bias is None else g * bias

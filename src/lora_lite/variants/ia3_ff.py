@@ -5,7 +5,6 @@ The gate scales the *input* of the FFN's second linear (down_proj / fc2), i.e. t
 
 Applied in a forward pre-hook. Identity is exact. Hook-only. Trainable params per layer: d_in.
 Merge: W' = W diag(g), bias unchanged. ΔW is full rank: no LoRA export.
-r and alpha are unused.
 """
 
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from ..variant import ParamSpec, register
 
 @dataclass
 class IA3FFConfig(AdapterConfig):
-    variant = "ia3_ff"
     target_names: tuple[str, ...] | str = (r"down_proj$",)
 
 
@@ -24,6 +22,16 @@ class IA3FFConfig(AdapterConfig):
 class IA3FF:
     name = "ia3_ff"
     config = IA3FFConfig
+    paper = ("Liu+ 2022", "https://arxiv.org/abs/2205.05638")
+    params_per_layer = "d_in (input gate, down_proj)"
+    bench = {"lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 5e-2}, "targets": (r"down_proj$",)}
+
+    @staticmethod
+    def peft(cfg, targets):
+        import peft
+
+        return (peft.IA3Config(target_modules=list(targets), feedforward_modules=list(targets)),
+                "IA3Config(feedforward_modules=targets)")
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -34,13 +42,9 @@ class IA3FF:
         return d_in  # x ⊙ g
 
     @staticmethod
-    def init(layer, cfg):
-        pass  # g = 1 is the whole init
+    def forward_input(a, x):
+        return x * a.lora_g
 
     @staticmethod
-    def forward_input(layer, x):
-        return x * layer.lora_g
-
-    @staticmethod
-    def merged_weight(layer, W, bias):
-        return W * layer.lora_g.float(), bias
+    def merged_weight(a, W, bias):
+        return W * a.lora_g.float(), bias

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import AdapterConfig
+from ..config import LowRankConfig
 from ..variant import ParamSpec, check_rank, register
 
 
 @dataclass
-class LoRAConfig(AdapterConfig):
-    variant = "lora"
+class LoRAConfig(LowRankConfig):
+    pass
 
 
 def add_low_rank(base, h, B):
@@ -29,12 +29,26 @@ def add_low_rank(base, h, B):
     return out.view(*base.shape[:-1], -1)
 
 
+def peft_lora(cfg, targets, **extra):
+    """PEFT's LoraConfig with our r, alpha and exact target names (shared by the LoRA family)."""
+    import peft
+
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(targets), **extra)
+
+
 @register
 class LoRA:
     name = "lora"
     config = LoRAConfig
+    paper = ("Hu+ 2021", "https://arxiv.org/abs/2106.09685")
+    params_per_layer = "r·(d_in + d_out)"
+    bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
 
     check = staticmethod(check_rank)
+
+    @staticmethod
+    def peft(cfg, targets):
+        return peft_lora(cfg, targets), "LoraConfig"
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -45,18 +59,14 @@ class LoRA:
         return cfg.r * d_in + cfg.r + cfg.r * d_out  # x Aᵀ, · s, · Bᵀ
 
     @staticmethod
-    def init(layer, cfg):
-        pass  # ParamSpec already holds the whole init
-
-    @staticmethod
-    def forward(layer, x, y):
+    def forward(a, x, y):
         # (..., d_in) -> (..., r), scaled on the small side, -> added into y
-        return add_low_rank(y, F.linear(x, layer.lora_A) * layer._lora_cfg.scale, layer.lora_B)
+        return add_low_rank(y, F.linear(x, a.lora_A) * a.cfg.scale, a.lora_B)
 
     @staticmethod
-    def delta_weight(layer):
-        return layer._lora_cfg.scale * (layer.lora_B.float() @ layer.lora_A.float())
+    def delta_weight(a):
+        return a.cfg.scale * (a.lora_B.float() @ a.lora_A.float())
 
     @staticmethod
-    def lora_factors(layer):
-        return layer.lora_A.float(), layer.lora_B.float(), layer._lora_cfg.scale
+    def lora_factors(a):
+        return a.lora_A.float(), a.lora_B.float(), a.cfg.scale

@@ -17,20 +17,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import LowRankConfig
 from ..svd import SVDInitConfig, check_svd_init, top_r_svd
 from ..variant import ParamSpec, register
-from .lora import LoRA
+from .lora import LoRA, peft_lora
 
 
 @dataclass
-class PiSSAConfig(SVDInitConfig):
-    variant = "pissa"
+class PiSSAConfig(SVDInitConfig, LowRankConfig):
+    pass
 
 
 @register
 class PiSSA:
     name = "pissa"
     config = PiSSAConfig
+    paper = ("Meng+ 2024", "https://arxiv.org/abs/2404.02948")
+    params_per_layer = "r·(d_in + d_out)"
+    bench = {"r": 32, "alpha": "r", "lr": {"qwen": 1e-4, "stories": 1e-3, "tiny": 3e-3}}
     needs_dense_weight = True
 
     forward = staticmethod(LoRA.forward)
@@ -38,6 +42,11 @@ class PiSSA:
     added_macs = staticmethod(LoRA.added_macs)
 
     check = staticmethod(check_svd_init)
+
+    @staticmethod
+    def peft(cfg, targets):
+        init = "pissa" if cfg.svd == "full" else f"pissa_niter_{cfg.niter}"
+        return peft_lora(cfg, targets, init_lora_weights=init), f'LoraConfig(init_lora_weights="{init}")'
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):
@@ -50,20 +59,21 @@ class PiSSA:
 
     @staticmethod
     @torch.no_grad()
-    def init(layer, cfg):
-        U, S, Vh = top_r_svd(layer.weight, cfg.r, cfg.svd, cfg.niter)
+    def init(a):
+        cfg = a.cfg
+        U, S, Vh = top_r_svd(a.base.weight, cfg.r, cfg.svd, cfg.niter)
         root = (S / cfg.scale).sqrt()
         for name, value in (("lora_A", root[:, None] * Vh), ("lora_B", U * root[None, :])):
-            getattr(layer, name).copy_(value)
-            getattr(layer, name + "0").copy_(value)
+            getattr(a, name).copy_(value)
+            getattr(a, name + "0").copy_(value)
 
     @staticmethod
-    def base_delta(layer):
-        return layer._lora_cfg.scale * (layer.lora_B0.float() @ layer.lora_A0.float())
+    def base_delta(a):
+        return a.cfg.scale * (a.lora_B0.float() @ a.lora_A0.float())
 
     @staticmethod
-    def lora_factors(layer):
+    def lora_factors(a):
         """Rank 2r against the original W: W_res + s·B A − W = s·[B, −B0] [A; A0] (PEFT's PiSSA conversion)."""
-        A = torch.cat([layer.lora_A.float(), layer.lora_A0.float()])
-        B = torch.cat([layer.lora_B.float(), -layer.lora_B0.float()], dim=1)
-        return A, B, layer._lora_cfg.scale
+        A = torch.cat([a.lora_A.float(), a.lora_A0.float()])
+        B = torch.cat([a.lora_B.float(), -a.lora_B0.float()], dim=1)
+        return A, B, a.cfg.scale

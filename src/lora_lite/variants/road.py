@@ -11,7 +11,7 @@ second half form a 2-D pair that is rotated by θ and scaled by α:
 rotate_half is linear, so rotate_half(y) ⊙ c2 = rotate_half(y ⊙ swap_halves(c2)): computed that way, backward
 keeps only y (shared by both products) instead of y and a rotated copy of it.
 Merge: W' = R W, b' = R b. R − I is full rank in general: no LoRA export.
-Hook-only: works on quantized layers. r and alpha are unused.
+Hook-only: works on quantized layers.
 """
 
 from dataclasses import dataclass
@@ -27,14 +27,13 @@ _SIZES = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 
 @dataclass
 class RoadConfig(AdapterConfig):
-    variant = "road"
     road_variant: str = "road_1"
     group_size: int = 64
 
 
-def columns(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def columns(a) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-coordinate multipliers (c1, c2), each (d_out,)."""
-    cfg, theta, alpha = layer._lora_cfg, layer.lora_road_theta, layer.lora_road_alpha
+    cfg, theta, alpha = a.cfg, a.lora_road_theta, a.lora_road_alpha
     half = cfg.group_size // 2
     if cfg.road_variant == "road_1":
         theta = theta.reshape(-1, half).repeat_interleave(2, dim=0).flatten()
@@ -56,6 +55,16 @@ def _rotate(y, c1, c2, half):
 class Road:
     name = "road"
     config = RoadConfig
+    paper = ("Liao+ 2024", "https://arxiv.org/abs/2409.00119")
+    params_per_layer = "d_out (road_1), 2·d_out (road_2), 4·d_out (road_4)"
+    bench = {"lr": {"qwen": 1e-3, "stories": 1e-2, "tiny": 3e-2}, "knobs": {"group_size": 64}}
+
+    @staticmethod
+    def peft(cfg, targets):
+        import peft
+
+        return (peft.RoadConfig(variant=cfg.road_variant, group_size=cfg.group_size, target_modules=list(targets)),
+                f'RoadConfig(variant="{cfg.road_variant}")')
 
     @staticmethod
     def check(d_in, d_out, cfg):
@@ -78,23 +87,18 @@ class Road:
         return 2 * d_out  # y ⊙ c1 + rotate_half(y) ⊙ c2
 
     @staticmethod
-    def init(layer, cfg):
-        pass  # θ = 0, α = 1 is the whole init
-
-    @staticmethod
-    def forward(layer, x, y):
-        c1, c2 = columns(layer)
-        y = y.to(c1.dtype)
-        half = layer._lora_cfg.group_size // 2
+    def forward(a, x, y):
+        c1, c2 = columns(a)  # in y's dtype: the base output is never re-rounded
+        half = a.cfg.group_size // 2
         scaled = (y * c2.reshape(-1, 2, half).flip(1).flatten()).reshape(*y.shape[:-1], -1, 2, half)
         rotated = torch.stack((-scaled[..., 1, :], scaled[..., 0, :]), dim=-2).reshape(y.shape)
         return y * c1 + rotated
 
     @staticmethod
-    def rotation(layer) -> torch.Tensor:
+    def rotation(a) -> torch.Tensor:
         """The explicit (d_out, d_out) matrix R with y' = R y, for merging and tests."""
-        c1, c2 = (c.float() for c in columns(layer))
-        d, half = c1.shape[0], layer._lora_cfg.group_size // 2
+        c1, c2 = (c.float() for c in columns(a))
+        d, half = c1.shape[0], a.cfg.group_size // 2
         idx = torch.arange(d, device=c1.device)
         in_first_half = (idx % (2 * half)) < half
         partner = torch.where(in_first_half, idx + half, idx - half)
@@ -104,8 +108,8 @@ class Road:
         return R
 
     @staticmethod
-    def merged_weight(layer, W, bias):
+    def merged_weight(a, W, bias):
         # R W = (Wᵀ Rᵀ)ᵀ: rotate the rows of Wᵀ like outputs, O(d_out·d_in) instead of a dense R @ W
-        c1, c2 = (c.float() for c in columns(layer))
-        half = layer._lora_cfg.group_size // 2
+        c1, c2 = (c.float() for c in columns(a))
+        half = a.cfg.group_size // 2
         return _rotate(W.T, c1, c2, half).T, None if bias is None else _rotate(bias, c1, c2, half)
