@@ -61,7 +61,7 @@ def add_weighted(model: nn.Module, weights: dict[str, float], name: str, how: st
         tensors[f"{lname}.lora_B"] = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1).cpu()
         targets.append(lname)
     cfg = LoRAConfig(r=rank, alpha=float(rank), target_names=tuple(f"^{re.escape(t)}$" for t in targets))
-    attach_entries(model, {name: (cfg, targets, tensors)}, source=f"add_weighted({sorted(weights)})")
+    attach_entries(model, {name: (cfg, targets, tensors, {})}, source=f"add_weighted({sorted(weights)})")
     return name
 
 

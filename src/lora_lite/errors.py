@@ -47,3 +47,8 @@ class ConversionError(LoraLiteError, ValueError):
 
 class DistributedError(LoraLiteError, RuntimeError):
     """Ranks disagree (different adapters attached), a batch cannot be sharded evenly, or a launcher env is incomplete."""
+
+
+class SkippedLayersWarning(UserWarning):
+    """all-linear left out layers that cannot take the adapter (they would never run or would crash); the message
+    lists them with the reason. Not an error: the rest of the model is adapted."""

@@ -4,8 +4,12 @@ Format v2 (what save writes): one tensor per adapter tensor, keyed by its path i
 `<layer>.lora_adapters.<adapter name>.<lora tensor>` (e.g. `model.layers.0.self_attn.q_proj.lora_adapters.
 default.lora_A`), plus string metadata:
     format       "lora-lite"     format_version  "2"
-    adapters     JSON object {adapter name: {"config": AdapterConfig.to_dict(), "targets": [layer names]}}
-A file holds one adapter or several. Format v1 (lora-lite before core v2: one adapter, keys
+    adapters     JSON object {adapter name: {"config": AdapterConfig.to_dict(), "targets": [layer names]}}, and,
+                 only when used: "layers" ({layer: {"r": .., "alpha": ..}}, the values rank_pattern /
+                 alpha_pattern gave it), "modules_to_save" ([module names]) and "token_rows" ({"embedding":
+                 name, "tied_head": name or null})
+Modules trained whole store each parameter under `<module>.lora_saved.<adapter>.<parameter>`, trainable embedding
+rows under `<embedding>.lora_tokens.<adapter>.rows` (lora_lite.extras). A file holds one adapter or several. Format v1 (lora-lite before core v2: one adapter, keys
 `<layer>.<lora tensor>`, metadata `config` and `targets`) still loads, as an adapter named "default".
 
 Data-driven and SVD inits store what they computed (as frozen `lora_*` buffers), so load() never needs
@@ -31,8 +35,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import validate
-from .config import AdapterConfig
+from . import extras, validate
+from .config import LAYER_FIELDS, AdapterConfig
 from .errors import AttachStateError, CheckpointError
 from .runtime import (
     CONTAINER,
@@ -47,8 +51,26 @@ from .runtime import (
 from .transaction import ModelSnapshot
 from .validate import FORMAT, FORMAT_VERSION
 
-# What one adapter in a file is: its config, its target layer names and its tensors keyed `<layer>.<lora tensor>`.
-Entry = tuple[AdapterConfig, list[str], dict[str, torch.Tensor]]
+# What one adapter in a file is: its config, its target layer names, its tensors keyed `<layer>.<lora tensor>`
+# (extras keyed `<module>.lora_saved.<parameter>` / `<embedding>.lora_tokens.rows`), and `info`: the optional
+# metadata ("layers", "modules_to_save", "token_rows"; {} for a plain adapter).
+Entry = tuple[AdapterConfig, list[str], dict[str, torch.Tensor], dict]
+_EXTRA_CONTAINERS = (extras.SAVED, extras.TOKENS)
+
+
+def layer_values(a) -> dict:
+    """The r / alpha a layer's adapter got from rank_pattern / alpha_pattern, where they differ from the config's."""
+    return {k: getattr(a.cfg, k) for k in LAYER_FIELDS
+            if hasattr(a.cfg, k) and getattr(a.cfg, k) != getattr(a.attached_cfg, k)}
+
+
+def entry_info(model: nn.Module, name: str, layers: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(info, extras tensors) of adapter `name`, as an Entry carries them."""
+    info, tensors = extras.entry(model, name)
+    values = {lname: v for lname, a in layers.items() if (v := layer_values(a))}
+    if values:
+        info["layers"] = values
+    return info, tensors
 
 
 def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
@@ -66,22 +88,22 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         layers = adapter_layers(model, n)
         tensors = {f"{lname}.{t}": getattr(a, t).detach().to("cpu").contiguous()
                    for lname, a in layers.items() for t in a.tensor_names}
-        entries[n] = (groups[n][0].cfg, list(layers), tensors)
+        info, extra_tensors = entry_info(model, n, layers)
+        entries[n] = (groups[n][0].attached_cfg, list(layers), tensors | extra_tensors, info)
     return write_adapter(Path(path), entries)
 
 
 def write_adapter(path: Path, entries: dict[str, Entry]) -> Path:
-    """Write {adapter name: (config, targets, tensors)} as one format-v2 file, atomically."""
+    """Write {adapter name: (config, targets, tensors, info)} as one format-v2 file, atomically."""
     if path.is_dir():
         raise CheckpointError(f"save() target {str(path)!r} is a directory; pass a file path such as "
                               f"{str(path / 'adapter.safetensors')!r}")
     flat = {}
-    for n, (_, _, tensors) in entries.items():
+    for n, (_, _, tensors, _) in entries.items():
         validate.check_finite(tensors, path, writing=True)
         for key, t in tensors.items():
-            lname, tname = key.rsplit(".", 1)
-            flat[f"{lname}.{CONTAINER}.{n}.{tname}"] = t
-    adapters = {n: {"config": cfg.to_dict(), "targets": targets} for n, (cfg, targets, _) in entries.items()}
+            flat[file_key(key, n)] = t
+    adapters = {n: {"config": cfg.to_dict(), "targets": targets, **info} for n, (cfg, targets, _, info) in entries.items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "adapters": json.dumps(adapters, sort_keys=True, allow_nan=False)}
     try:
@@ -91,6 +113,16 @@ def write_adapter(path: Path, entries: dict[str, Entry]) -> Path:
         raise CheckpointError(f"could not write {str(path)!r} ({e}); any previous file there is unchanged. "
                               "Check the directory exists, is writable and has free space") from None
     return path
+
+
+def file_key(key: str, name: str) -> str:
+    """`<layer>.<tensor>` -> `<layer>.lora_adapters.<name>.<tensor>`; extras get the name after their container."""
+    for container in _EXTRA_CONTAINERS:
+        head, sep, rest = key.rpartition(f".{container}.")
+        if sep:
+            return f"{head}.{container}.{name}.{rest}"
+    lname, tname = key.rsplit(".", 1)
+    return f"{lname}.{CONTAINER}.{name}.{tname}"
 
 
 @contextlib.contextmanager
@@ -140,7 +172,7 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, Entry]:
-    """Parse and validate an adapter file on its own (no model): {adapter name: (config, targets, tensors)}."""
+    """Parse and validate an adapter file on its own (no model): {adapter name: (config, targets, tensors, info)}."""
     path = validate.check_path(path)
     meta, entries = validate.read_header(path)
     adapters = validate.parse_metadata(meta, path)
@@ -158,7 +190,7 @@ def read_adapter_file(path: str | os.PathLike) -> dict[str, Entry]:
         raise CheckpointError(f"{str(path)!r} changed while it was being read; load it again")
     validate.check_finite(tensors, path)
     per_adapter = validate.split_tensors(meta["format_version"], adapters, tensors, path)
-    return {n: (cfg, targets, per_adapter[n]) for n, (cfg, targets) in adapters.items()}
+    return {n: (cfg, targets, per_adapter[n], info) for n, (cfg, targets, info) in adapters.items()}
 
 
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> list[str]:
@@ -183,22 +215,34 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
 
 
 def attach_entries(model: nn.Module, entries: dict[str, Entry], source: str) -> list[str]:
-    """Attach each (config, targets, tensors) under its name after checking that all of them fit `model`."""
+    """Attach each (config, targets, tensors, info) under its name after checking that all of them fit `model`."""
     plans = {}
-    for n, (cfg, targets, tensors) in entries.items():
+    for n, (cfg, targets, tensors, info) in entries.items():
         check_new_name(model, n)
-        plans[n] = validate.fit_to_model(model, variant_of(cfg), cfg, n, targets, tensors, Path(source))
+        main = {k: t for k, t in tensors.items() if not _is_extra(k)}
+        plan = validate.fit_to_model(model, variant_of(cfg), cfg, n, targets, main, Path(source),
+                                     layer_values=info.get("layers", {}))
+        extra = extras.plan_from_file(model, cfg, n, info, {k: t for k, t in tensors.items() if _is_extra(k)},
+                                      [layer for _, layer, _ in plan], Path(source))
+        plans[n] = (plan, extra)
     snapshot = ModelSnapshot(model)
     frozen_before = len(model.__dict__.get(FROZEN_ATTR, ()))
     installed = []
     try:
-        for n, (cfg, _, tensors) in entries.items():
-            installed += install(model, n, cfg, plans[n], tensors=tensors, calibration_data=None)
+        for n, (cfg, _, tensors, info) in entries.items():
+            plan, extra = plans[n]
+            installed += install(model, n, cfg, plan, tensors=tensors, calibration_data=None,
+                                 layer_values=info.get("layers", {}), extra=extra)
     except BaseException:
         try:
+            extras.remove([e for e in extras.iter_extras(model) if e.name in entries])
             remove_adapters(installed)
         finally:
             del model.__dict__.get(FROZEN_ATTR, [])[frozen_before:]
             snapshot.restore()
         raise
     return list(entries)
+
+
+def _is_extra(key: str) -> bool:
+    return any(f".{c}." in key for c in _EXTRA_CONTAINERS)

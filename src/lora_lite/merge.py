@@ -14,6 +14,10 @@ overwrites, and if anything interrupts it (an error, Ctrl-C) every written layer
 and the adapters stay attached. The extra memory is those CPU copies (the adapted layers' weights) and one
 layer's fp32 weight on the device. Then the merged adapters are removed; the others stay.
 
+Layers that are not nn.Linear merge in their kind's (d_out, d_in) view (lora_lite.layer_kinds): Wᵀ for Conv1D
+and embeddings, W.flatten(1) for convs, each expert's matrix for expert parameters. Modules trained whole
+(modules_to_save) keep their trained values; trained embedding rows are written into the embedding's weight.
+
 Quantized (bitsandbytes) layers are refused: writing the merged weight back into 4/8-bit codes would
 re-quantize it and change the outputs. For a QLoRA adapter: load the base unquantized, lora_lite.load the
 adapter file, then merge.
@@ -24,7 +28,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import extras
 from .errors import AttachStateError, ConversionError, UnsupportedLayerError
+from .experts import ExpertSlice, ExpertsParameter
+from .layer_kinds import KINDS
 from .quant import is_quantized
 from .runtime import CONTAINER, Adapter, adapters_by_name, detach, remove_adapters, set_activity
 from .variant import rewrites_weight
@@ -74,23 +81,41 @@ def _merge_plan(model: nn.Module, name: str | None) -> dict[nn.Module, list[Adap
 
 @torch.no_grad()
 def _merged(layer: nn.Module, adapters: list[Adapter]):
-    W = layer.weight.float()
-    bias = None if getattr(layer, "bias", None) is None else layer.bias.float()
+    """(W', b') in the layer's own layout and dtype."""
+    kind = KINDS[adapters[0].kind]
+    bias = getattr(layer, "bias", None)
+    if isinstance(layer, ExpertsParameter):  # expert by expert, each adapter sliced to that expert
+        pairs = [_merged_matrix(kind.as_2d(layer, layer.weight[e].float()), None if bias is None else bias[e].float(),
+                                [ExpertSlice(a, e) for a in adapters]) for e in range(layer.num_experts)]
+        W = torch.stack([kind.from_2d(layer, w) for w, _ in pairs])
+        b = None if bias is None else torch.stack([b for _, b in pairs])
+    else:
+        W2d, b = _merged_matrix(kind.as_2d(layer, layer.weight.float()), None if bias is None else bias.float(),
+                                adapters)
+        W = kind.from_2d(layer, W2d)
+    return W.to(layer.weight.dtype), None if b is None else b.to(bias.dtype)
+
+
+def _merged_matrix(W: torch.Tensor, bias: torch.Tensor | None, adapters):
     ordered = [a for a in adapters if not a.input_side] + [a for a in reversed(adapters) if a.input_side]
     for a in ordered:
         if hasattr(a.variant, "merged_weight"):
             W, bias = a.variant.merged_weight(a, W, bias)
         else:
             W = W + a.variant.delta_weight(a)
-    return W.to(layer.weight.dtype), None if bias is None else bias.to(layer.bias.dtype)
+    return W, bias
 
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Fold adapter `name` (None: every adapter) into the base weights and remove it. Returns `model`."""
     plan = _merge_plan(model, name)
     activity = [(a, a.active) for adapters in plan.values() for a in adapters]
+    holders = [e for e in extras.iter_extras(model) if name in (None, e.name)]
+    activity_extras = [(e, e.active) for e in holders]
     written: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
     try:
+        for e, _ in activity_extras:
+            extras.set_activity(e, True)  # trained values of modules_to_save in place
         for a, _ in activity:
             set_activity(a, True)  # W_res in place for weight-rewriting methods
         for layer, adapters in plan.items():
@@ -107,6 +132,10 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
                 layer.weight.copy_(W_new)
                 if b_new is not None:
                     layer.bias.copy_(b_new)
+            for rows in holders:
+                if isinstance(rows, extras.TokenRows) and not rows.tied:
+                    written.append((rows.base, rows.base.weight.detach().to("cpu", copy=True), None))
+                    extras.merge_tokens(rows)
     except BaseException:
         with torch.no_grad():
             for layer, W_old, b_old in written:
@@ -115,10 +144,13 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
                     layer.bias.copy_(b_old)
         for a, was_active in activity:
             set_activity(a, was_active)
+        for e, was_active in activity_extras:
+            extras.set_activity(e, was_active)
         raise
     merged = [a for adapters in plan.values() for a in adapters]
     for a in merged:  # the merged weight replaces the original: nothing to restore on removal
         a.original_weight, a.residual_applied = None, False
+    extras.remove(holders, keep_values=True)
     remove_adapters(sorted(merged, key=lambda a: a.order))
     if not any(isinstance(m, Adapter) for m in model.modules()):
         detach(model)  # no adapter left: requires_grad flags go back to what they were before the first attach

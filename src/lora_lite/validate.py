@@ -7,10 +7,14 @@ An adapter file may come from a stranger, so nothing in it is trusted:
             the data section exactly (no gap, no overlap, nothing past the end). A file that declares terabytes
             is refused before anything is allocated: memory stays within the file's size.
   metadata  format, format_version (1 or 2), per adapter a config that rebuilds a typed AdapterConfig and a
-            list of unique targets; every tensor key belongs to one adapter.
+            list of unique targets, and optionally: `layers` (per-layer r / alpha from rank_pattern /
+            alpha_pattern, for targets only), `modules_to_save` (module names) and `token_rows` ({"embedding",
+            "tied_head"} names); every tensor key belongs to one adapter.
   values    every tensor must be finite. NaN/inf is refused (the run that wrote it diverged); never loaded.
-  model     every target must be a linear layer of the model; every tensor's name, shape and dtype must be
-            what the method would create on that layer.
+  model     every target must be a layer of a kind lora-lite adapts (linear, Conv1D, conv, embedding, or an
+            expert parameter `<experts module>.lora_experts.<parameter>`); every tensor's name, shape and dtype
+            must be what the method would create on that layer (with that layer's stored r / alpha); modules
+            trained whole and token rows must exist, with every parameter / the rows' shape matching.
 Any failure raises CheckpointError (UnknownVariantError for an unregistered variant) naming the file.
 
 Target layers are resolved by their exact names in the file; the config's regexes are never run at load
@@ -28,11 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from . import experts
+from .config import LAYER_FIELDS, AdapterConfig, for_layer
 from .errors import AttachStateError, CheckpointError, ConfigError, TargetError
-from .runtime import _NAME, CONTAINER, plan_layer
-from .target import d_model, is_linear_like, role_of
-from .typecheck import short_repr
+from .extras import SAVED, TOKENS
+from .layer_kinds import kind_of
+from .runtime import _NAME, CONTAINER, plan_layer, stored_shape
+from .target import d_model, role_of
+from .typecheck import check_field, short_repr
 
 FORMAT = "lora-lite"
 FORMAT_VERSION = "2"
@@ -40,6 +47,7 @@ READABLE_VERSIONS = ("1", "2")
 MAX_HEADER_BYTES = 8 * 2**20  # ~100 bytes per tensor entry: room for ~80k adapter tensors
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_ADAPTER_KEYS, _OPTIONAL_KEYS = {"config", "targets"}, {"layers", "modules_to_save", "token_rows"}
 
 
 def check_path(path: str | os.PathLike) -> Path:
@@ -117,7 +125,7 @@ def _check_entry(name: str, entry, path: Path):
 
 
 def parse_metadata(meta: dict[str, str], path: Path) -> dict[str, tuple[AdapterConfig, list[str]]]:
-    """{adapter name: (config, targets)} from a v1 or v2 file's metadata."""
+    """{adapter name: (config, targets, info)} from a v1 or v2 file's metadata; info holds the optional keys."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a lora-lite adapter (metadata format={short_repr(meta.get('format'))}, "
                               f"expected {FORMAT!r}); for PEFT directories use lora_lite.import_peft")
@@ -131,7 +139,7 @@ def parse_metadata(meta: dict[str, str], path: Path) -> dict[str, tuple[AdapterC
                 raise CheckpointError(f"{str(path)!r} lacks the {key!r} metadata entry; re-save it with lora_lite.save")
         config = _parse_json(meta["config"].encode(), path, "config metadata")
         targets = _parse_json(meta["targets"].encode(), path, "targets metadata")
-        return {"default": (_config(_from_v1(config), path), _targets(targets, path))}
+        return {"default": (_config(_from_v1(config), path), _targets(targets, path), {})}
     if "adapters" not in meta:
         raise CheckpointError(f"{str(path)!r} lacks the 'adapters' metadata entry; re-save it with lora_lite.save")
     adapters = _parse_json(meta["adapters"].encode(), path, "adapters metadata")
@@ -141,10 +149,45 @@ def parse_metadata(meta: dict[str, str], path: Path) -> dict[str, tuple[AdapterC
     for name, entry in adapters.items():
         if not _NAME.fullmatch(name):
             raise _bad(path, f"adapter name {short_repr(name)} is not 1-64 letters, digits, '_' or '-'")
-        if not (isinstance(entry, dict) and set(entry) == {"config", "targets"}):
-            raise _bad(path, f"adapter {name!r} must be an object with keys 'config' and 'targets'")
-        out[name] = (_config(entry["config"], path), _targets(entry["targets"], path))
+        if not (isinstance(entry, dict) and _ADAPTER_KEYS <= set(entry) <= _ADAPTER_KEYS | _OPTIONAL_KEYS):
+            raise _bad(path, f"adapter {name!r} must be an object with keys 'config' and 'targets' (and optionally "
+                             f"{sorted(_OPTIONAL_KEYS)})")
+        cfg, targets = _config(entry["config"], path), _targets(entry["targets"], path)
+        out[name] = (cfg, targets, _info(entry, cfg, targets, path))
     return out
+
+
+def _info(entry: dict, cfg: AdapterConfig, targets: list[str], path: Path) -> dict:
+    """The optional keys of an adapter entry, type-checked (their fit to the model is checked later)."""
+    info = {}
+    layers = entry.get("layers", {})
+    if not (isinstance(layers, dict) and set(layers) <= set(targets)):
+        raise _bad(path, "its per-layer 'layers' metadata must be an object keyed by the adapter's targets")
+    fields = {k for k in LAYER_FIELDS if hasattr(cfg, k)}
+    for lname, values in layers.items():
+        if not (isinstance(values, dict) and values and set(values) <= fields):
+            raise _bad(path, f"layer {short_repr(lname)} has per-layer values {short_repr(values)}; expected an "
+                             f"object with some of {sorted(fields)}")
+        try:
+            checked = {k: check_field(type(cfg), k, v) for k, v in values.items()}
+            for_layer(cfg, checked)  # r >= 1, finite alpha: the config's own checks
+        except ConfigError as e:
+            raise CheckpointError(f"{str(path)!r}: layer {short_repr(lname)}: {e}") from None
+        info.setdefault("layers", {})[lname] = checked
+    if "modules_to_save" in entry:
+        saved = entry["modules_to_save"]
+        if not (isinstance(saved, list) and saved and all(isinstance(n, str) and n for n in saved)
+                and len(set(saved)) == len(saved)):
+            raise _bad(path, f"its modules_to_save metadata is {short_repr(saved)}; expected unique module names")
+        info["modules_to_save"] = saved
+    if "token_rows" in entry:
+        rows = entry["token_rows"]
+        if not (isinstance(rows, dict) and set(rows) == {"embedding", "tied_head"}
+                and isinstance(rows["embedding"], str) and isinstance(rows["tied_head"], (str, type(None)))):
+            raise _bad(path, f"its token_rows metadata is {short_repr(rows)}; expected "
+                             '{"embedding": name, "tied_head": name or null}')
+        info["token_rows"] = rows
+    return info
 
 
 def _from_v1(config):
@@ -181,12 +224,17 @@ def split_tensors(version: str, adapters: dict, tensors: dict[str, torch.Tensor]
         return {"default": tensors}
     out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in adapters}
     for key, t in tensors.items():
-        lname, sep, rest = key.rpartition(f".{CONTAINER}.")
+        for container in (CONTAINER, SAVED, TOKENS):
+            lname, sep, rest = key.rpartition(f".{container}.")
+            if sep:
+                break
         name, _, tname = rest.partition(".")
         if not sep or name not in out or not tname:
-            raise _bad(path, f"tensor {short_repr(key)} is not `<layer>.{CONTAINER}.<adapter>.<tensor>` for an "
-                             f"adapter in its metadata ({sorted(adapters)})")
-        out[name][f"{lname}.{tname}"] = t
+            raise _bad(path, f"tensor {short_repr(key)} is not `<layer>.{CONTAINER}.<adapter>.<tensor>` (or "
+                             f"{SAVED} / {TOKENS} in place of {CONTAINER}) for an adapter in its metadata "
+                             f"({sorted(adapters)})")
+        # main tensors keyed `<layer>.<tensor>`, extras keep their container: `<module>.lora_saved.<parameter>`
+        out[name][f"{lname}.{tname}" if container == CONTAINER else f"{lname}.{container}.{tname}"] = t
     return out
 
 
@@ -204,31 +252,45 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path, writing: bool = F
                                   "finite step")
 
 
+def resolve_layer(model: nn.Module, lname: str) -> nn.Module | None:
+    """The module a file's target names, by exact name; `<experts>.lora_experts.<parameter>` resolves to that
+    parameter's placeholder (lora_lite.experts), which a fresh model does not have yet."""
+    owner_name, sep, pname = lname.rpartition(f".{experts.HOLDER}.")
+    try:
+        if sep:
+            owner = model.get_submodule(owner_name)
+            ok = experts.is_experts_module(owner) and pname in experts.expert_parameter_names(owner)
+            return experts.placeholder(owner, pname) if ok else None
+        return model.get_submodule(lname)
+    except AttributeError:
+        return None
+
+
 def fit_to_model(model: nn.Module, variant: type, cfg: AdapterConfig, name: str, targets: list[str],
-                 tensors: dict[str, torch.Tensor], path: Path) -> list[tuple[str, nn.Module, str | None]]:
-    """Resolve the file's targets on `model` and check every tensor against them. Touches nothing."""
+                 tensors: dict[str, torch.Tensor], path: Path,
+                 layer_values: dict | None = None) -> list[tuple[str, nn.Module, str | None]]:
+    """Resolve the file's targets on `model` and check every tensor against them (each layer with its stored
+    r / alpha, `layer_values`). Touches nothing."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hidden = d_model(model) if cfg.target_roles else 0
     plan, expected = [], {}
     for lname in targets:
-        try:
-            layer = model.get_submodule(lname)
-        except AttributeError:
-            layer = None
-        if layer is None or layer is model or layer is head or not is_linear_like(layer):
-            raise CheckpointError(f"{str(path)!r} adapts {lname!r}, which is not a linear layer of this model; it was "
-                                  "saved for another architecture. Load it onto the base model it was trained on")
+        layer = resolve_layer(model, lname)
+        if layer is None or layer is model or layer is head or kind_of(layer) is None:
+            raise CheckpointError(f"{str(path)!r} adapts {lname!r}, which is not a layer lora-lite adapts in this "
+                                  "model; it was saved for another architecture. Load it onto the base model it was "
+                                  "trained on")
         try:
             role = role_of(lname, layer, hidden) if cfg.target_roles else None
             if cfg.target_roles and role not in cfg.target_roles:
                 raise TargetError(f"{lname!r} is a {role} layer but the config keeps only {cfg.target_roles}")
-            specs = plan_layer(variant, cfg, name, lname, layer)
+            specs = plan_layer(variant, for_layer(cfg, (layer_values or {}).get(lname, {})), name, lname, layer)
         except (ConfigError, TargetError, AttachStateError) as e:
             raise CheckpointError(f"{str(path)!r} does not fit layer {lname!r} of this model: {e}") from None
         dtypes = set()
         for tname, spec in specs.items():
             key = f"{lname}.{tname}"
-            expected[key] = spec.shape
+            expected[key] = stored_shape(layer, spec.shape)
             if key in tensors:
                 dtypes.add(tensors[key].dtype)
         if len(dtypes) > 1 or (cfg.dtype is not None and dtypes - {cfg.dtype}):

@@ -218,7 +218,7 @@ class Bench:
 
 def adapter_delta(model, init_path: Path) -> float:
     """Sum over adapter tensors of ||after - init||: zero means training changed nothing."""
-    (_, _, init), = ll.io.read_adapter_file(init_path).values()
+    (_, _, init, _), = ll.io.read_adapter_file(init_path).values()
     total = 0.0
     for name, a in ll.runtime.adapter_layers(model).items():
         for tname in a.tensor_names:
