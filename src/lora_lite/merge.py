@@ -49,6 +49,7 @@ def _merge_plan(model: nn.Module, name: str | None) -> dict[nn.Module, list[Adap
     if name is not None and name not in groups:
         raise AttachStateError(f"merge(): no adapter named {name!r} on this model; attached: {list(groups)}")
     chosen = {id(a) for n, group in groups.items() if name in (None, n) for a in group}
+    holders = _holders(model)
     plan: dict[nn.Module, list[Adapter]] = {}
     for group in groups.values():
         for a in group:
@@ -61,6 +62,13 @@ def _merge_plan(model: nn.Module, name: str | None) -> dict[nn.Module, list[Adap
                 if not (hasattr(b.variant, "merged_weight") or hasattr(b.variant, "delta_weight")):
                     raise ConversionError(f"method {b.variant.name!r} defines neither merged_weight nor delta_weight, "
                                           "so its effect is not a change of the weights; keep it attached")
+            sharing = holders.get(id(a.base.weight), [])
+            tied = [n for n, m in sharing if m is not a.base and m is not getattr(a.base, "owner", None)]
+            if tied:
+                raise AttachStateError(f"merge() would write the weight of {[n for n, m in sharing if m is a.base]}, "
+                                       f"which {tied} hold too (tied weights): they would change as well. Untie "
+                                       "the weights first (e.g. give the output head its own copy), or keep the "
+                                       "adapter hooked")
             if is_quantized(a.base):
                 raise UnsupportedLayerError(
                     f"merge() cannot write into a {type(a.base).__name__} with {a.base.weight.dtype} weights: "
@@ -77,6 +85,15 @@ def _merge_plan(model: nn.Module, name: str | None) -> dict[nn.Module, list[Adap
                                        "merge both (merge(model)) or detach that one")
             plan[a.base] = merged
     return plan
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """{id(parameter): [(module name, module) holding it directly]}: more than one means tied weights."""
+    out: dict[int, list] = {}
+    for n, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            out.setdefault(id(p), []).append((n, m))
+    return out
 
 
 @torch.no_grad()

@@ -364,6 +364,8 @@ def install(model, name, cfg, targets, *, tensors, calibration_data, layer_value
         layer_cfg = for_layer(cfg, values)
         plans.append((lname, layer, role, layer_cfg, plan_layer(variant, layer_cfg, name, lname, layer)))
 
+    if rewrites_weight(variant):
+        _refuse_tied(model, cfg, plans)
     snapshot = ModelSnapshot(model)
     existing = iter_adapters(model)
     order = 1 + max((a.order for a in existing + extras_of(model)), default=-1)
@@ -412,6 +414,17 @@ def install(model, name, cfg, targets, *, tensors, calibration_data, layer_value
     if frozen:
         model.__dict__.setdefault(FROZEN_ATTR, []).extend(frozen)
     return added
+
+
+def _refuse_tied(model: nn.Module, cfg: AdapterConfig, plans) -> None:
+    """A weight another module holds too (a tied output head) cannot be rewritten without changing that module."""
+    targets = {id(plan[1].weight): plan[0] for plan in plans}
+    for n, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            if id(p) in targets and n != targets[id(p)]:
+                raise AttachStateError(f"method {cfg.variant!r} rewrites the weight of {targets[id(p)]!r}, which {n!r} "
+                                       "holds too (tied weights), so it would change as well; untie the weights or "
+                                       "leave that layer out")
 
 
 def stored_shape(layer: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ Filters, in order: exclude regexes, layer indices, include regexes (or all-linea
 computed when a role filter is set, so an unusual model never fails on a layer you did not ask for.
 
 all-linear means every linear or Conv1D layer, plus the expert parameters when the method supports that kind,
-except the output head and embeddings. It never builds an adapter that would not run or would crash: it leaves
+except the output head (get_output_embeddings()) and embeddings; named explicitly, the head can be adapted. It never builds an adapter that would not run or would crash: it leaves
 out, and `plan_targets` reports (attach warns with the list),
   - the `out_proj` of an nn.MultiheadAttention, which reads out_proj.weight and never calls out_proj;
   - linear subclasses whose forward returns several values (the routers of Phi-MoE and Llama 4);
@@ -100,7 +100,7 @@ def plan_targets(model: nn.Module, cfg: AdapterConfig) -> TargetPlan:
     saved = saved_module_names(model, cfg)
     plan = TargetPlan([])
     for name, module in model.named_modules():
-        if not name or module is head or any(seg in name.split(".") for seg in INTERNAL):
+        if not name or (module is head and cfg.all_linear) or any(seg in name.split(".") for seg in INTERNAL):
             continue
         if isinstance(module, nn.MultiheadAttention) and _named(cfg, name):
             raise TargetError(f"{name!r} is an nn.MultiheadAttention, which computes with its in_proj_weight and "

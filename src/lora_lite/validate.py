@@ -271,12 +271,11 @@ def fit_to_model(model: nn.Module, variant: type, cfg: AdapterConfig, name: str,
                  layer_values: dict | None = None) -> list[tuple[str, nn.Module, str | None]]:
     """Resolve the file's targets on `model` and check every tensor against them (each layer with its stored
     r / alpha, `layer_values`). Touches nothing."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     hidden = d_model(model) if cfg.target_roles else 0
     plan, expected = [], {}
     for lname in targets:
         layer = resolve_layer(model, lname)
-        if layer is None or layer is model or layer is head or kind_of(layer) is None:
+        if layer is None or layer is model or kind_of(layer) is None:
             raise CheckpointError(f"{str(path)!r} adapts {lname!r}, which is not a layer lora-lite adapts in this "
                                   "model; it was saved for another architecture. Load it onto the base model it was "
                                   "trained on")
