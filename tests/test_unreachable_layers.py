@@ -125,6 +125,8 @@ def test_expert_parameters_copy_pickle_switch_and_detach_like_layers():
     with pytest.raises(ll.AttachStateError, match="per_row cannot route"):
         with ll.per_row(model, ["default", None]):
             pass
+    with pytest.raises(ll.ConversionError, match="adapts expert parameters"):
+        ll.add_weighted(model, {"default": 0.5}, name="half")
     ll.detach(model)
     assert_unchanged(model, before)
     assert "forward" not in model.get_submodule(EXPERTS).__dict__
@@ -160,3 +162,18 @@ def test_methods_without_the_experts_kind_skip_experts_under_all_linear():
     (warning,) = [w for w in caught if issubclass(w.category, ll.errors.SkippedLayersWarning)]
     assert "4 layer(s)" in str(warning.message) and "these are experts" in str(warning.message)
     assert all(a.kind == "linear" for a in adapter_layers(model).values())
+
+
+def test_a_file_with_two_adapters_on_one_expert_parameter_loads_both(tmp_path):
+    model = moe()
+    experts_adapter(model, "a")
+    experts_adapter(model, "b")
+    path = ll.save(model, tmp_path / "two.safetensors")
+    fresh = moe()
+    ll.load(fresh, path)
+    assert torch.equal(logits(fresh), logits(model))
+    (holder,) = [m for n, m in fresh.named_modules() if n == f"{EXPERTS}.lora_experts"]
+    assert set(holder["down_proj"].lora_adapters) == {"a", "b"}
+    ll.detach(fresh, "a")
+    ll.detach(model, "a")
+    assert torch.equal(logits(fresh), logits(model))

@@ -88,11 +88,15 @@ def placeholder(owner: nn.Module, param_name: str) -> ExpertsParameter:
     return ExpertsParameter(owner, param_name)
 
 
-def register(ph: ExpertsParameter) -> None:
+def register(ph: ExpertsParameter) -> ExpertsParameter:
+    """Put `ph` on its experts module, unless one for that parameter is there already; returns the one in use."""
     owner = ph.owner
     if HOLDER not in owner._modules:
         owner.add_module(HOLDER, nn.ModuleDict())
-    owner._modules[HOLDER][ph.param_name] = ph
+    holder = owner._modules[HOLDER]
+    if ph.param_name not in holder:
+        holder[ph.param_name] = ph
+    return holder[ph.param_name]
 
 
 def unregister_if_empty(ph: ExpertsParameter) -> None:
@@ -109,7 +113,8 @@ def sync_forward(owner: nn.Module) -> None:
     """Route the owner's calls through experts_forward exactly while some placeholder carries an adapter."""
     holder = owner._modules.get(HOLDER)
     needed = holder is not None and any("lora_adapters" in ph._modules for ph in holder.values())
-    present = isinstance(owner.__dict__.get("forward"), functools.partial)
+    current = owner.__dict__.get("forward")
+    present = isinstance(current, functools.partial) and current.func is experts_forward
     if needed and not present:
         owner.forward = functools.partial(experts_forward, owner)
     elif present and not needed:

@@ -378,9 +378,9 @@ def install(model, name, cfg, targets, *, tensors, calibration_data, layer_value
         for p in frozen:
             p.requires_grad_(False)
         for lname, layer, role, layer_cfg, specs in plans:
+            if isinstance(layer, experts.ExpertsParameter):  # the placeholder another adapter registered, if any
+                layer = experts.register(layer)
             a = Adapter(name, layer, layer_cfg, variant, role, order, attached_cfg=cfg)
-            if isinstance(layer, experts.ExpertsParameter):
-                experts.register(layer)
             if CONTAINER not in layer._modules:
                 layer.add_module(CONTAINER, nn.ModuleDict())
             layer.lora_adapters[name] = a
