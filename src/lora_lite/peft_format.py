@@ -214,6 +214,12 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defa
             rows = (rest[:-len(TOKENS_KEY) - 1], t)
         elif rest is not None and (owner := _saved_owner(rest, modules, conf)) is not None:
             saved.setdefault(owner, {})[rest[len(owner) + 1:]] = t
+        elif rest is not None and (weight := _embedding_weight(rest, modules)) is not None:
+            # PEFT's save_embedding_layers stores the embedding it was trained on: it must be this model's
+            if not torch.equal(weight.detach().cpu().to(t.dtype), t):
+                raise ConversionError(f"{str(src)!r} carries its own {key!r} (PEFT's save_embedding_layers), which "
+                                      "differs from this model's embedding: the adapter was trained on a resized or "
+                                      "trained embedding. Load that base (e.g. resize_token_embeddings) first")
         else:
             raise ConversionError(f"{str(src)!r} holds {key!r}, which is not a LoRA A/B weight, a modules_to_save "
                                   "value or trainable token rows; DoRA magnitudes and biases cannot be imported")
@@ -286,6 +292,15 @@ def _saved_owner(rest: str, modules: dict, conf: dict) -> str | None:
         if mname and rest.startswith(mname + ".") and any(mname.endswith(t) for t in wanted):
             if rest[len(mname) + 1:] in extras.own_parameters(module):
                 return mname
+    return None
+
+
+def _embedding_weight(rest: str, modules: dict) -> torch.Tensor | None:
+    """The model's weight a `<embedding>[.base_layer].weight` key names, for an embedding (or a tied head)."""
+    mname = rest.removesuffix(".weight").removesuffix(".base_layer")
+    module = modules.get(mname)
+    if rest.endswith(".weight") and isinstance(module, nn.Embedding | nn.Linear):
+        return module.weight
     return None
 
 
