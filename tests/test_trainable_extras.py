@@ -219,3 +219,11 @@ def test_a_module_and_token_rows_belong_to_one_adapter():
     with pytest.raises(ll.AttachStateError, match="per_row cannot route"):
         with ll.per_row(model, ["a"]):
             pass
+
+
+def test_saving_a_head_unfrozen_by_hand_says_it_is_not_saved(tmp_path):
+    model = BY_NAME["bert_seq_cls"].build()
+    ll.attach(model, ll.LoRAConfig(r=2))
+    model.classifier.weight.requires_grad_(True)
+    with pytest.warns(ll.errors.UnsavedParametersWarning, match=r"\['classifier\.weight'\].*modules_to_save"):
+        ll.save(model, tmp_path / "a.safetensors")

@@ -293,6 +293,13 @@ def install(p: ExtrasPlan, name: str, order: int, dtype_of, tensors: dict[str, t
     return added
 
 
+def trained_parameters(e) -> list[nn.Parameter]:
+    """The parameters a holder trains: a SavedModule's module's own, a TokenRows' rows (none for a tied head)."""
+    if isinstance(e, SavedModule):
+        return list(own_parameters(e.base).values())
+    return [] if e.tied else [e.rows]
+
+
 def iter_extras(model: nn.Module) -> list:
     out = []
     for m in model.modules():

@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from torch import nn
 
 from . import extras, validate
 from .config import LAYER_FIELDS, AdapterConfig
-from .errors import AttachStateError, CheckpointError
+from .errors import AttachStateError, CheckpointError, UnsavedParametersWarning
 from .runtime import (
     CONTAINER,
     FROZEN_ATTR,
@@ -45,6 +46,7 @@ from .runtime import (
     adapters_by_name,
     check_new_name,
     install,
+    iter_adapters,
     remove_adapters,
     variant_of,
 )
@@ -83,6 +85,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         raise AttachStateError("save() found no adapter on this model; attach or load one first")
     if name is not None and name not in groups:
         raise AttachStateError(f"save(): no adapter named {name!r} on this model; attached: {list(groups)}")
+    _warn_unsaved(model)
     entries = {}
     for n in [name] if name is not None else groups:
         layers = adapter_layers(model, n)
@@ -91,6 +94,18 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         info, extra_tensors = entry_info(model, n, layers)
         entries[n] = (groups[n][0].attached_cfg, list(layers), tensors | extra_tensors, info)
     return write_adapter(Path(path), entries)
+
+
+def _warn_unsaved(model: nn.Module) -> None:
+    """Trainable parameters no adapter owns (a head unfrozen by hand) are not saved: say so, do not drop them silently."""
+    owned = {id(p) for a in iter_adapters(model) for p in a.parameters()}
+    owned |= {id(p) for e in extras.iter_extras(model) for p in extras.trained_parameters(e)}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+    if stray:
+        warnings.warn(UnsavedParametersWarning(
+            f"save() does not store {len(stray)} trainable parameters that belong to no adapter ({stray[:4]}"
+            f"{' ...' if len(stray) > 4 else ''}), so a reload will not have their trained values; train such "
+            "modules with the config's modules_to_save=(...) instead"), stacklevel=3)
 
 
 def write_adapter(path: Path, entries: dict[str, Entry]) -> Path:

@@ -370,7 +370,7 @@ def install(model, name, cfg, targets, *, tensors, calibration_data, layer_value
     existing = iter_adapters(model)
     order = 1 + max((a.order for a in existing + extras_of(model)), default=-1)
     in_adapters = {id(p) for a in existing for p in a.parameters()}
-    in_adapters |= {id(p) for e in extras_of(model) for p in _trained_by(e)}
+    in_adapters |= {id(p) for e in extras_of(model) for p in extras.trained_parameters(e)}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in in_adapters]
     added: list[Adapter] = []
     added_extras: list = []
@@ -595,9 +595,3 @@ def remove_adapters(adapters: list[Adapter]) -> None:
 extras_of = extras.iter_extras
 extras_activity = extras.set_activity
 
-
-def _trained_by(e) -> list[nn.Parameter]:
-    """The parameters an extras holder trains (lora_lite.extras)."""
-    if isinstance(e, extras.SavedModule):
-        return list(extras.own_parameters(e.base).values())
-    return [] if e.tied else [e.rows]
