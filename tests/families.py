@@ -91,6 +91,10 @@ FAMILIES = [
                                  qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1),
            tokens(), logits, peft_drops=r"\.mlp\.(shared_experts\.)?(gate|up|down)_proj$"),
     Family("phimoe", _build("PhimoeConfig", "PhimoeForCausalLM", **MOE, num_local_experts=4), tokens(), logits),
+    # experts stored transposed (E, d_in, d_out), with biases and an interleaved, clamped gate
+    Family("gpt_oss", _build("GptOssConfig", "GptOssForCausalLM", **MOE | dict(intermediate_size=16), head_dim=16,
+                             num_local_experts=4, layer_types=["sliding_attention", "full_attention"],
+                             sliding_window=8), tokens(), logits),
     Family("qwen3_5", _build("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", **DIMS, num_key_value_heads=1, head_dim=16,
                              linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8,
                              linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"]),

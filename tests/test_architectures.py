@@ -1,4 +1,5 @@
 """Every model family users bring (tests/families.py), adapted by LoRA as a new user would, against PEFT 0.21.
+(The issue's fifteen, plus GPT-OSS, whose experts are stored transposed with biases.)
 
 For each family:
   - what lora-lite and PEFT adapt under all-linear; where they differ, the difference is the documented one
@@ -47,6 +48,7 @@ ONLY_OURS = {
     # PEFT re-reads the dense (layer 0) and shared-expert MLP targets as expert parameters and drops them
     "deepseek_v3": r"\.mlp\.(shared_experts\.)?(gate|up|down)_proj$",
     "phimoe": r"\.mlp\.experts\.(gate_up|down)_proj$",  # PEFT's all-linear adds experts only for models it converts
+    "gpt_oss": r"\.mlp\.experts\.(gate_up|down)_proj$",
 }
 SUMMARY: dict[str, str] = {}
 
