@@ -227,3 +227,18 @@ def test_saving_a_head_unfrozen_by_hand_says_it_is_not_saved(tmp_path):
     model.classifier.weight.requires_grad_(True)
     with pytest.warns(ll.errors.UnsavedParametersWarning, match=r"\['classifier\.weight'\].*modules_to_save"):
         ll.save(model, tmp_path / "a.safetensors")
+
+
+def test_an_attach_that_fails_while_adding_extras_rolls_everything_back(monkeypatch):
+    model = BY_NAME["qwen3_moe"].build()
+    before = fingerprint(model)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ll.extras.TokenRows, "__init__", interrupted)  # after the head is already trained whole
+    cfg = ll.LoRAConfig(r=2, modules_to_save=("lm_head",), trainable_token_indices=(3,))
+    with pytest.raises(KeyboardInterrupt):
+        ll.attach(model, cfg)
+    assert_unchanged(model, before)
+    assert "forward" not in model.get_submodule("model.layers.0.mlp.experts").__dict__

@@ -368,9 +368,9 @@ def install(model, name, cfg, targets, *, tensors, calibration_data, layer_value
         _refuse_tied(model, cfg, plans)
     snapshot = ModelSnapshot(model)
     existing = iter_adapters(model)
-    order = 1 + max((a.order for a in existing + extras_of(model)), default=-1)
+    order = 1 + max((a.order for a in existing + extras.iter_extras(model)), default=-1)
     in_adapters = {id(p) for a in existing for p in a.parameters()}
-    in_adapters |= {id(p) for e in extras_of(model) for p in extras.trained_parameters(e)}
+    in_adapters |= {id(p) for e in extras.iter_extras(model) for p in extras.trained_parameters(e)}
     frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in in_adapters]
     added: list[Adapter] = []
     added_extras: list = []
@@ -486,8 +486,8 @@ def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
         raise AttachStateError(f"set_active: no adapter named {unknown}; attached: {list(groups)}")
     for a in iter_adapters(model):
         set_activity(a, a.name in wanted)
-    for e in extras_of(model):
-        extras_activity(e, e.name in wanted)
+    for e in extras.iter_extras(model):
+        extras.set_activity(e, e.name in wanted)
 
 
 def active_names(model: nn.Module) -> list[str]:
@@ -502,20 +502,20 @@ def disabled(model: nn.Module):
     if not adapters:
         raise AttachStateError("disabled() found no adapter on this model; attach or load one first")
     before = [(a, a.active) for a in adapters]
-    before_extras = [(e, e.active) for e in extras_of(model)]
+    before_extras = [(e, e.active) for e in extras.iter_extras(model)]
     try:
         for a in adapters:
             set_activity(a, False)
         for e, _ in before_extras:
-            extras_activity(e, False)
+            extras.set_activity(e, False)
         yield model
     finally:
         for a, was_active in before:
             if _still_attached(a):
                 set_activity(a, was_active)
         for e, was_active in before_extras:
-            if e in extras_of(model):
-                extras_activity(e, was_active)
+            if e in extras.iter_extras(model):
+                extras.set_activity(e, was_active)
 
 
 @contextmanager
@@ -532,7 +532,7 @@ def per_row(model: nn.Module, names: Iterable[str | None]):
     if mixed:
         raise AttachStateError(f"per_row cannot route rows to {mixed}: a weight-rewriting method changes W for the "
                                "whole batch. Run those rows separately with set_active, or merge that adapter")
-    whole = sorted({e.name for e in extras_of(model)} | {n for n, g in groups.items() if any(
+    whole = sorted({e.name for e in extras.iter_extras(model)} | {n for n, g in groups.items() if any(
         a.kind == "experts" for a in g)})
     if whole:
         raise AttachStateError(f"per_row cannot route rows to or around {whole}: modules trained whole, trained "
@@ -568,7 +568,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
     groups = adapters_by_name(model)
     if name is not None and name not in groups:
         raise AttachStateError(f"detach(): no adapter named {name!r} on this model; attached: {list(groups)}")
-    extras.remove([e for e in extras_of(model) if name in (None, e.name)])
+    extras.remove([e for e in extras.iter_extras(model) if name in (None, e.name)])
     remove_adapters([a for n, group in groups.items() if name in (None, n) for a in group])
     if not iter_adapters(model):
         for module in model.modules():
@@ -588,10 +588,3 @@ def remove_adapters(adapters: list[Adapter]) -> None:
             if not len(container):
                 del layer._modules[CONTAINER]
         _sync_hooks(layer)
-
-
-# ---------------------------------------------------------------------------------------------- extras
-
-extras_of = extras.iter_extras
-extras_activity = extras.set_activity
-
