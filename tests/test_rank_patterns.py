@@ -154,3 +154,19 @@ def test_a_peft_adapter_with_patterns_and_rslora_imports_to_peft_outputs(tmp_pat
     ll.import_peft(ours, tmp_path / "peft")
     assert torch.allclose(out(ours), out(theirs.eval()), rtol=0, atol=1e-5)
     assert adapter_layers(ours)[SMALL].lora_A.shape == (2, 32)
+
+
+def test_a_plain_adapters_file_carries_none_of_the_later_fields(tmp_path):
+    """So lora-lite versions from before layer kinds and patterns still read it."""
+    from lora_lite.config import LATER_FIELDS
+
+    model = qwen35()
+    ll.attach(model, ll.LoRAConfig(r=2))
+    header, _ = split(ll.save(model, tmp_path / "plain.safetensors").read_bytes())
+    (entry,) = json.loads(header["__metadata__"]["adapters"]).values()
+    assert set(entry) == {"config", "targets"} and not set(entry["config"]) & set(LATER_FIELDS)
+    ll.detach(model)
+    ll.attach(model, patterned())
+    header, _ = split(ll.save(model, tmp_path / "patterned.safetensors").read_bytes())
+    (entry,) = json.loads(header["__metadata__"]["adapters"]).values()
+    assert {"rank_pattern", "alpha_pattern"} <= set(entry["config"]) and "layers" in entry

@@ -23,6 +23,8 @@ from .errors import ConfigError, UnknownVariantError
 from .typecheck import check_field, short_repr
 
 ALL_LINEAR = "all-linear"
+# fields added after file format v2 was introduced (layer kinds, patterns, extras), written only when set
+LATER_FIELDS = ("target_parameters", "modules_to_save", "trainable_token_indices", "rank_pattern", "alpha_pattern")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -89,10 +91,12 @@ class AdapterConfig:
         return self.target_names in ((), (ALL_LINEAR,))
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, except the later ones (LATER_FIELDS) while unset: a plain adapter's file stays readable
+        by lora-lite versions from before them. from_dict fills what is absent with the defaults."""
         d = dataclasses.asdict(self)
         d["variant"] = self.variant
         d["dtype"] = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
-        return d
+        return {k: v for k, v in d.items() if not (k in LATER_FIELDS and v in ((), {}))}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
