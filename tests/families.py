@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,7 +32,6 @@ class Family:
     peft_task: str | None = None  # PEFT's task_type (SEQ_CLS leaves the head out of all-linear, as we do)
     # layers whose adapters PEFT's loader drops (export_peft refuses them): regex for exclude_names
     peft_drops: str | None = None
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 def _build(config_cls: str, model_cls: str, **kw) -> Callable[[], nn.Module]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import re
 
+import pytest
 import torch
 from torch import nn
 
 import lora_lite as ll
 from lora_lite.runtime import adapter_extras, adapter_layers
 
-peft = __import__("pytest").importorskip("peft")
+peft = pytest.importorskip("peft")
 from peft.tuners.lora import LoraLayer, ParamWrapper  # noqa: E402
 from peft.utils.other import ModulesToSaveWrapper  # noqa: E402
 
