@@ -242,3 +242,29 @@ def test_an_attach_that_fails_while_adding_extras_rolls_everything_back(monkeypa
         ll.attach(model, cfg)
     assert_unchanged(model, before)
     assert "forward" not in model.get_submodule("model.layers.0.mlp.experts").__dict__
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda e: e["token_rows"].update(tied_head=None), "is tied to it that way"),
+    (lambda e: e["token_rows"].update(embedding="model.norm"), "not an nn.Embedding"),
+    (lambda e: e["token_rows"].update(embedding="model.nowhere"), "does not have"),
+    (lambda e: e.update(modules_to_save=["model.layers.0.mlp"]), "do not match its config"),
+])
+def test_token_rows_and_saved_modules_in_a_file_must_fit_the_model(edit, match, tmp_path):
+    import json
+
+    from adapter_files import join, split
+
+    model = tied_llama()
+    ll.attach(model, ll.LoRAConfig(r=2, target_names=(r"q_proj$",), trainable_token_indices=(3,),
+                                   modules_to_save=("model.norm",)))
+    header, data = split(ll.save(model, tmp_path / "a.safetensors").read_bytes())
+    meta = json.loads(header["__metadata__"]["adapters"])
+    edit(meta["default"])
+    header["__metadata__"]["adapters"] = json.dumps(meta)
+    (tmp_path / "b.safetensors").write_bytes(join(header, data))
+    fresh = tied_llama()
+    before = fingerprint(fresh)
+    with pytest.raises(ll.CheckpointError, match=match):
+        ll.load(fresh, tmp_path / "b.safetensors")
+    assert_unchanged(fresh, before)

@@ -178,6 +178,14 @@ def plan_from_file(model: nn.Module, cfg, name: str, meta: dict, tensors: dict[s
         embedding = (rows["embedding"], module(rows["embedding"], "embedding rows of"))
         if rows["tied_head"] is not None:
             tied = (rows["tied_head"], module(rows["tied_head"], "the tied head"))
+        emb = embedding[1]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        tied_here = head is not None and getattr(head, "weight", None) is getattr(emb, "weight", None)
+        if not isinstance(emb, nn.Embedding) or (tied is not None) != tied_here or (tied and tied[1] is not head):
+            raise CheckpointError(f"{str(path)!r} trains rows of {rows['embedding']!r} (tied head "
+                                  f"{rows['tied_head']!r}), but in this model that is not an nn.Embedding whose "
+                                  f"output head {'is' if tied_here else 'is not'} tied to it that way; load it onto "
+                                  "the base model it was trained on")
     ids = tuple(cfg.trainable_token_indices)
     if (embedding is None) != (not ids):
         raise CheckpointError(f"{str(path)!r}: trainable_token_indices={ids} but token rows "

@@ -109,7 +109,7 @@ def plan_targets(model: nn.Module, cfg: AdapterConfig) -> TargetPlan:
                               "projections")
         if experts.is_experts_module(module):
             for pname in experts.expert_parameter_names(module):
-                _consider_expert(plan, cfg, kinds, name, module, pname, saved)
+                _consider_expert(plan, cfg, kinds, name, module, pname, saved, hidden)
             continue
         kind = kind_of(module)
         if kind is None or _filtered_out(cfg, name):
@@ -152,7 +152,7 @@ def _filtered_out(cfg: AdapterConfig, name: str) -> bool:
     return cfg.layers is not None and layer_index(name) not in cfg.layers
 
 
-def _consider_expert(plan, cfg, kinds, owner_name, owner, pname, saved) -> None:
+def _consider_expert(plan, cfg, kinds, owner_name, owner, pname, saved, hidden) -> None:
     full = f"{owner_name}.{pname}"
     if _filtered_out(cfg, full) or _inside(full, saved):
         return
@@ -161,8 +161,10 @@ def _consider_expert(plan, cfg, kinds, owner_name, owner, pname, saved) -> None:
     if "experts" not in kinds and cfg.all_linear:
         plan.skipped[full] = f"method {cfg.variant!r} supports layer kinds {kinds}, these are experts"
         return
-    ph = experts.placeholder(owner, pname)
-    plan.targets.append((f"{owner_name}.{experts.HOLDER}.{pname}", ph, None))
+    name, ph = f"{owner_name}.{experts.HOLDER}.{pname}", experts.placeholder(owner, pname)
+    role = role_of(name, ph, hidden) if cfg.target_roles else None
+    if not cfg.target_roles or role in cfg.target_roles:
+        plan.targets.append((name, ph, role))
 
 
 def _inside(name: str, saved: list[str]) -> str | None:
