@@ -190,5 +190,11 @@ class ExpertSlice:
         setattr(self, attr, value)
         return value
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """Expert e's matrix as (d_out, d_in)."""
+        W = self._adapter.base.weight[self._e]
+        return W.T if self._adapter.base.transposed else W
+
     def project(self, x, M):
         return F.linear(x, M)
