@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import ConfigError, UnknownVariantError
+from .patterns import check_pattern
 from .typecheck import check_field, short_repr
 
 ALL_LINEAR = "all-linear"
@@ -81,7 +82,7 @@ class AdapterConfig:
             raise ConfigError(f"layers={self.layers} has a negative index; use the non-negative block indices")
         for field_name in ("target_names", "exclude_names", "target_parameters", "modules_to_save"):
             for pattern in getattr(self, field_name):
-                _check_regex(field_name, pattern)
+                check_pattern(field_name, pattern)
         ids = self.trainable_token_indices
         if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
             raise ConfigError(f"trainable_token_indices={short_repr(ids)} must be distinct non-negative token ids")
@@ -127,14 +128,6 @@ class AdapterConfig:
         return cls(**d)
 
 
-def _check_regex(field_name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"{field_name} entry {pattern!r} is not a valid regular expression ({e}); "
-                          "fix the pattern (escape literal dots and brackets with a backslash)") from None
-
-
 @dataclass
 class RankConfig(AdapterConfig):
     """r            rank of the update (or the method's size knob; see its docstring).
@@ -149,7 +142,7 @@ class RankConfig(AdapterConfig):
         for pattern, r in {"": self.r, **self.rank_pattern}.items():
             if r < 1:
                 raise ConfigError(f"r must be a positive int, got {r}{f' for {pattern!r}' if pattern else ''}; use r >= 1")
-            _check_regex("rank_pattern", pattern)
+            check_pattern("rank_pattern", pattern)
 
 
 @dataclass
@@ -163,7 +156,7 @@ class LowRankConfig(RankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for pattern in self.alpha_pattern:
-            _check_regex("alpha_pattern", pattern)
+            check_pattern("alpha_pattern", pattern)
 
     @property
     def scale(self) -> float:

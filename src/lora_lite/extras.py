@@ -157,9 +157,10 @@ def plan(model: nn.Module, cfg, name: str, target_layers: list[nn.Module]) -> Ex
     return result
 
 
-def plan_from_file(model: nn.Module, cfg, name: str, meta: dict, tensors: dict[str, torch.Tensor],
+def plan_from_file(model: nn.Module, cfg, name: str, meta: dict, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                    target_layers: list[nn.Module], path) -> ExtrasPlan:
-    """The plan a file records, resolved by exact names and checked against its tensors. Touches nothing."""
+    """The plan a file records, resolved by exact names and checked against its tensors' {key: (dtype, shape)}
+    (from the header: no data read). Touches nothing."""
 
     def module(lname, what):
         try:
@@ -196,13 +197,13 @@ def plan_from_file(model: nn.Module, cfg, name: str, meta: dict, tensors: dict[s
     except (TargetError, UnsupportedLayerError, AttachStateError) as e:
         raise CheckpointError(f"{str(path)!r} does not fit this model: {e}") from None
     expected = expected_tensors(result)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(specs)), sorted(set(specs) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r}: adapter {name!r} has extra tensors that do not match its config: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}; re-save it")
     for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
-            raise CheckpointError(f"{key} has shape {tuple(tensors[key].shape)} in {str(path)!r} but this model "
+        if tuple(specs[key][1]) != shape:
+            raise CheckpointError(f"{key} has shape {tuple(specs[key][1])} in {str(path)!r} but this model "
                                   f"needs {shape}; the adapter was trained on a different base model")
     return result
 
@@ -359,6 +360,41 @@ def remove(holders: list, keep_values: bool = False) -> None:
             if not len(holder):
                 del module._modules[container]
         _sync_token_hook(module)
+
+
+def snapshot(holders: list) -> list:
+    """What remove(holders) changes on their modules, for restore(): each module's lora_saved dict and lora_tokens
+    container (with their entries) and its parameters' requires_grad flags. Values are not included: remove's
+    writes go through set_activity, which the caller undoes."""
+    out, seen = [], set()
+    for e in holders:
+        module = e.base
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        saved, tokens = module.__dict__.get(SAVED), module._modules.get(TOKENS)
+        out.append((module, None if saved is None else dict(saved), tokens,
+                    None if tokens is None else list(tokens._modules.items()),
+                    [(p, p.requires_grad) for p in own_parameters(module).values()]))
+    return out
+
+
+def restore(state: list) -> None:
+    """Put back what snapshot() recorded (an interrupted merge)."""
+    for module, saved, tokens, items, flags in state:
+        if saved is None:
+            module.__dict__.pop(SAVED, None)
+        else:
+            module.__dict__[SAVED] = saved
+        if tokens is None:
+            module._modules.pop(TOKENS, None)
+        else:
+            tokens._modules.clear()
+            tokens._modules.update(items)
+            module._modules[TOKENS] = tokens
+        _sync_token_hook(module)
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def entry(model: nn.Module, name: str) -> tuple[dict, dict[str, torch.Tensor]]:

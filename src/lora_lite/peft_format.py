@@ -25,6 +25,17 @@ rule, fan_in_fan_out, modules_to_save, target_parameters and trainable_token_ind
 tensor keys, so PEFT's target_modules/layers_to_transform rules never need re-implementing. Config fields that
 change the math (use_dora, bias, ...) are refused, as are adapters that expect a rewritten base (PiSSA/OLoRA/
 CorDA/LoftQ saved without conversion). Tensors are upcast to fp32, like PEFT's default autocast_adapter_dtype.
+
+export_peft writes the weights first, then the config, each atomically, and stores the config it is about to
+write in the weights file's metadata (`lora_lite_export_config`). An export interrupted between the two leaves
+new weights beside the old config; import_peft compares the two and refuses such a pair.
+
+import_peft refuses every init_lora_weights other than those known to leave the base weights alone (True,
+False, "gaussian", "eva", "orthogonal"): PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite W, so their adapters
+are wrong on the original base unless PEFT converted them at save time. The weights file is opened once
+(lora_lite.checked_file: header checked before data is read, float dtypes only); names and shapes are checked
+against the model and values must be finite within the layers' dtype before anything is attached. The config
+is strict JSON of at most validate.MAX_HEADER_BYTES.
 """
 
 from __future__ import annotations
@@ -37,13 +48,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from . import experts, extras
-from .errors import CheckpointError, ConversionError
+from .checked_file import CheckedFile
+from .errors import CheckpointError, ConfigError, ConversionError
 from .experts import ExpertSlice
 from .io import atomic_write_bytes, attach_entries
 from .layer_kinds import kind_of
@@ -58,10 +68,12 @@ from .peft_layout import (
 )
 from .runtime import adapter_config, adapter_extras, adapter_layers, resolve_name
 from .target import INTERNAL
-from .validate import check_finite
+from .typecheck import check_field, short_repr
+from .validate import FORMAT, MAX_HEADER_BYTES, FileKind, _bad, check_path, parse_json
 from .variants.lora import LoRAConfig
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+EXPORT_KEY = "lora_lite_export_config"  # weights-file metadata: the config export_peft wrote beside it
 _LORA_KEY = re.compile(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
 # Fields that do not change the forward of a trained LoRA (targets are taken from the tensor keys instead), and
 # the ones import_peft reads (per-layer r / alpha, what else trains).
@@ -71,7 +83,14 @@ _HARMLESS = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_mod
              "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size",
              "runtime_config", "ensure_weight_tying", "fan_in_fan_out"}
 _READ = {"rank_pattern", "alpha_pattern", "modules_to_save", "target_parameters", "trainable_token_indices"}
-_REWRITES_BASE = ("pissa", "olora", "corda", "loftq")
+# Fields that describe an export but change neither PEFT's nor our result: an edit of them keeps a pair valid.
+_DESCRIPTIVE = {"base_model_name_or_path", "revision", "peft_version", "task_type", "inference_mode", "auto_mapping"}
+# init_lora_weights values whose init leaves the base weights as they were (B A = 0, or random A and B).
+_KEEPS_BASE = (True, False, "gaussian", "eva", "orthogonal")
+_REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+PEFT_WEIGHTS = FileKind("PEFT weights file", "Re-download it or re-save the adapter with PEFT's "
+                        "save_pretrained(safe_serialization=True)")
+PEFT_CONFIG = FileKind("PEFT adapter config", "Re-save the adapter with PEFT's save_pretrained")
 
 
 @torch.no_grad()
@@ -140,8 +159,14 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     }
     _refuse_what_peft_drops(model, config, layers)
     out = Path(out_dir)
-    atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(out / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    metadata = {"format": "pt", EXPORT_KEY: json.dumps(config, sort_keys=True)}
+    try:
+        atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes(tensors, metadata=metadata))
+        atomic_write_bytes(out / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
+    except OSError as e:
+        raise CheckpointError(f"export_peft could not write into {str(out)!r} ({e}). If the weights were replaced "
+                              "but the config was not, import_peft refuses the pair; free space or fix permissions "
+                              "and export again") from None
     return out
 
 
@@ -187,18 +212,12 @@ def _refuse_what_peft_drops(model: nn.Module, config: dict, layers: dict) -> Non
 
 def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "default") -> list[str]:
     """Attach the PEFT LoRA in `peft_dir` to `model` as a lora-lite `lora` adapter named `name`."""
-    src = Path(peft_dir)
-    if not (src / CONFIG_FILE).is_file() or not (src / WEIGHTS_FILE).is_file():
-        found = sorted(p.name for p in src.iterdir()) if src.is_dir() else "no such directory"
-        raise CheckpointError(f"{str(src)!r} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (found: {found}). "
-                              "A .bin checkpoint is pickle: re-save it with safe_serialization=True")
-    try:
-        conf = json.loads((src / CONFIG_FILE).read_text())
-        tensors = load_file(str(src / WEIGHTS_FILE))
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
-        raise CheckpointError(f"{str(src)!r} is not a readable PEFT adapter ({e})") from None
+    src = _peft_dir(peft_dir)
+    conf = _read_config(src / CONFIG_FILE)
     r, alpha = _check_config(conf, src)
-    check_finite(tensors, src)
+    with CheckedFile(src / WEIGHTS_FILE, "import_peft()", PEFT_WEIGHTS) as f:
+        _check_export_pair(f.meta, conf, src)
+        tensors = f.read(f.entries)
     modules = dict(model.named_modules())
     factors: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
@@ -230,7 +249,16 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defa
     for key, d in factors.items():
         lname, layer, pattern_key = _resolve(model, modules, key, conf, src)
         kind = kind_of(layer)
-        A, B = from_peft(kind, layer, d["A"], d["B"])
+        if d["A"].ndim < 2 or d["B"].ndim < 2:
+            raise CheckpointError(f"{str(src)!r}: {key!r} has lora_A of shape {tuple(d['A'].shape)} and lora_B of "
+                                  f"shape {tuple(d['B'].shape)}; LoRA factors have at least 2 dimensions. The file "
+                                  "is damaged; re-save it with PEFT")
+        try:
+            A, B = from_peft(kind, layer, d["A"], d["B"])
+        except (RuntimeError, ValueError) as e:  # a reshape the factors' sizes do not allow
+            raise CheckpointError(f"{str(src)!r}: the factors of {key!r} (lora_A {tuple(d['A'].shape)}, lora_B "
+                                  f"{tuple(d['B'].shape)}) do not fit that layer ({e}); the adapter was trained on "
+                                  "another base model") from None
         state_dict[f"{lname}.lora_A"], state_dict[f"{lname}.lora_B"] = A, B
         layer_r, layer_alpha = A.shape[-2], _peft_alpha(conf, pattern_key)
         if layer_r != _peft_pattern(conf.get("rank_pattern"), pattern_key, conf["r"]):
@@ -335,20 +363,118 @@ def _extras_of(model, modules, saved, rows, src: Path) -> tuple[dict, dict[str, 
     return info, tensors
 
 
+def _peft_dir(peft_dir) -> Path:
+    """The PEFT directory, or a CheckpointError that says what was passed instead."""
+    if not isinstance(peft_dir, (str, os.PathLike)):
+        raise CheckpointError(f"import_peft() needs a directory path (str or os.PathLike), got {type(peft_dir).__name__}")
+    src = Path(peft_dir)
+    if src.is_file():
+        try:
+            with CheckedFile(src, "import_peft()") as f:
+                ours = f.meta.get("format") == FORMAT
+        except CheckpointError:
+            ours = False
+        if ours:
+            raise CheckpointError(f"{str(src)!r} is a lora-lite adapter file, not a PEFT directory; load it with "
+                                  "lora_lite.load(model, path)")
+        raise CheckpointError(f"{str(src)!r} is a file; import_peft reads a PEFT adapter directory holding "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE}. Pass that directory")
+    if not src.is_dir():
+        raise CheckpointError(f"{str(src)!r} is not a directory; pass the folder PEFT's save_pretrained wrote")
+    if not (src / CONFIG_FILE).is_file() or not (src / WEIGHTS_FILE).is_file():
+        found = sorted(p.name for p in src.iterdir())
+        pickle = " adapter_model.bin is a pickle checkpoint, which lora-lite never loads (unpickling runs code): " \
+                 "re-save it in PEFT with safe_serialization=True." if "adapter_model.bin" in found else ""
+        raise CheckpointError(f"{str(src)!r} must hold {CONFIG_FILE} and {WEIGHTS_FILE} (found: {found[:10]}).{pickle}")
+    return src
+
+
+def _read_config(path: Path) -> dict:
+    """adapter_config.json: a regular file of at most MAX_HEADER_BYTES holding one strict-JSON object."""
+    path = check_path(path, "import_peft()")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_HEADER_BYTES + 1)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise _bad(path, f"it is larger than {MAX_HEADER_BYTES} bytes", PEFT_CONFIG)
+    conf = parse_json(raw, path, "content", PEFT_CONFIG)
+    if not isinstance(conf, dict):
+        raise _bad(path, f"it holds a JSON {type(conf).__name__}, expected an object", PEFT_CONFIG)
+    return conf
+
+
+def _check_export_pair(meta: dict[str, str], conf: dict, src: Path) -> None:
+    """Weights written by export_peft carry the config written beside them; every setting that changes the
+    result must still agree (an interrupted export leaves new weights beside an old config)."""
+    if EXPORT_KEY not in meta:
+        return  # written by PEFT itself
+    exported = parse_json(meta[EXPORT_KEY].encode(), src / WEIGHTS_FILE, f"{EXPORT_KEY} metadata", PEFT_WEIGHTS)
+    if not isinstance(exported, dict):
+        raise CheckpointError(f"{str(src)!r}: the {EXPORT_KEY} metadata of {WEIGHTS_FILE} is not an object; "
+                              "export the adapter again")
+    differing = sorted(k for k, v in exported.items() if k not in _DESCRIPTIVE and conf.get(k) != v)
+    if differing:
+        shown = ", ".join(f"{k}: {short_repr(conf.get(k))} vs {short_repr(exported[k])}" for k in differing[:4])
+        raise CheckpointError(f"{str(src)!r}: {CONFIG_FILE} is not the config export_peft wrote with these weights "
+                              f"({shown}, config vs weights). The export was interrupted or one file was replaced; "
+                              "export again")
+
+
 def _check_config(conf: dict, src: Path) -> tuple[int, float]:
     if conf.get("peft_type") != "LORA":
-        raise ConversionError(f"{str(src)!r} is a PEFT {conf.get('peft_type')!r} adapter; only LORA can be imported")
-    init = conf.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
-        raise ConversionError(f"{str(src)!r} was saved with init_lora_weights={init!r}, so it expects PEFT's "
-                              "rewritten residual base. Re-save it in PEFT with path_initial_model_for_weight_conversion")
+        raise ConversionError(f"{str(src)!r} is a PEFT {short_repr(conf.get('peft_type'))} adapter; only LORA can be "
+                              "imported")
+    init = conf.get("init_lora_weights", True)
+    if not any(type(init) is type(v) and (init.lower() if isinstance(init, str) else init) == v for v in _KEEPS_BASE):
+        if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
+            raise ConversionError(f"{str(src)!r} was saved with init_lora_weights={init!r}, so it expects PEFT's "
+                                  "rewritten residual base. Re-save it in PEFT with "
+                                  "path_initial_model_for_weight_conversion")
+        raise ConversionError(f"{str(src)!r} has init_lora_weights={short_repr(init)}, which lora-lite does not know "
+                              f"to leave the base weights alone (known: {', '.join(map(repr, _KEEPS_BASE))}); load "
+                              "it with PEFT")
     for key, value in conf.items():
         if key not in _HARMLESS | _READ and value not in (None, False, "none", [], {}):
-            raise ConversionError(f"{str(src)!r} sets {key}={value!r}, which changes the LoRA forward in a way "
-                                  "lora-lite's lora variant does not reproduce; only plain LoRA (bias='none', no "
+            raise ConversionError(f"{str(src)!r} sets {key}={short_repr(value)}, which changes the LoRA forward in a "
+                                  "way lora-lite's lora variant does not reproduce; only plain LoRA (bias='none', no "
                                   "DoRA, no layer replication) can be imported")
-    r, alpha = conf.get("r"), conf.get("lora_alpha")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{str(src)!r} has r={r!r}, lora_alpha={alpha!r}; expected a positive int and a number")
-    # rsLoRA scales by alpha/√r; our scale is alpha/r, so alpha·√r gives the same factor.
-    return r, float(alpha) * math.sqrt(r) if conf.get("use_rslora") else float(alpha)
+    _check_read_fields(conf, src)
+    rslora = conf.get("use_rslora", False)
+    try:
+        r = check_field(LoRAConfig, "r", conf.get("r"))
+        alpha = check_field(LoRAConfig, "alpha", conf.get("lora_alpha"))
+        if not isinstance(rslora, bool) or r < 1:
+            raise ConfigError("expected r >= 1 and use_rslora true or false")
+        # rsLoRA scales by alpha/√r; our scale is alpha/r, so alpha·√r gives the same factor.
+        return r, check_field(LoRAConfig, "alpha", alpha * math.sqrt(r) if rslora else alpha)
+    except ConfigError as e:
+        raise CheckpointError(f"{str(src)!r} has r={short_repr(conf.get('r'))}, lora_alpha="
+                              f"{short_repr(conf.get('lora_alpha'))}, use_rslora={short_repr(rslora)}: {e}") from None
+
+
+def _check_read_fields(conf: dict, src: Path) -> None:
+    """The fields import_peft reads (_READ) must have PEFT's types before any of them is used."""
+    def is_number(v, integral=False):
+        kinds = (int,) if integral else (int, float)
+        return isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v)
+
+    def names(v):
+        return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+
+    expected = {
+        "rank_pattern": ("an object of {pattern: rank}", lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and is_number(x, integral=True) and x >= 1 for k, x in v.items())),
+        "alpha_pattern": ("an object of {pattern: alpha}", lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and is_number(x) for k, x in v.items())),
+        "modules_to_save": ("a list of module names", names),
+        "target_parameters": ("a list of parameter names", names),
+        "trainable_token_indices": ("a list of token ids (or {embedding: ids})", lambda v: (
+            isinstance(v, dict) and all(isinstance(k, str) for k in v) and all(
+                isinstance(x, list) and all(is_number(i, integral=True) for i in x) for x in v.values()))
+            or (isinstance(v, list) and all(is_number(i, integral=True) for i in v))),
+    }
+    for key, (what, ok) in expected.items():
+        value = conf.get(key)
+        if value is not None and not ok(value):
+            raise CheckpointError(f"{str(src)!r} has {key}={short_repr(value)}; PEFT writes {what} there. The "
+                                  f"{CONFIG_FILE} is damaged or hand-edited; re-save the adapter with PEFT")
+

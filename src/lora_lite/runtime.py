@@ -235,10 +235,15 @@ def resolve_name(model: nn.Module, name: str | None, what: str) -> str:
 _WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
 
 
+def bare_name(name: str) -> str:
+    """A module's name with the segments wrappers insert removed (the name it has in the bare model)."""
+    return _WRAPPER_SEGMENTS.sub("", name).lstrip(".")
+
+
 def adapter_layers(model: nn.Module, name: str | None = None) -> dict[str, Adapter]:
     """{qualified layer name (relative to `model`): Adapter} for one adapter (None: the model's only one)."""
     name = resolve_name(model, name, "adapter_layers()")
-    return {_WRAPPER_SEGMENTS.sub("", lname).lstrip("."): layer.lora_adapters[name]
+    return {bare_name(lname): layer.lora_adapters[name]
             for lname, layer in model.named_modules() if CONTAINER in layer._modules and name in layer.lora_adapters}
 
 
@@ -452,14 +457,37 @@ def _add_tensors(a: Adapter, lname: str, specs, tensors) -> None:
 
 
 @torch.no_grad()
-def apply_residual(a: Adapter) -> None:
-    """W <- W_original - base_delta, computed in fp32 and rounded once to W's dtype."""
+def residual(a: Adapter) -> torch.Tensor:
+    """W_original - base_delta in the layer's own layout: computed in fp32 in the kind's (d_out, d_in) view and
+    rounded once to W's dtype."""
     layer, kind = a.base, KINDS[a.kind]
     weight = layer.weight
     delta = a.variant.base_delta(a).to(weight.device, torch.float32)
     original = kind.as_2d(layer, a.original_weight.to(weight.device, torch.float32))
-    weight.copy_(kind.from_2d(layer, original - delta).to(weight.dtype))
+    return kind.from_2d(layer, original - delta).to(weight.dtype)
+
+
+@torch.no_grad()
+def apply_residual(a: Adapter) -> None:
+    a.base.weight.copy_(residual(a))
     a.residual_applied = True
+
+
+def base_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's original weight: the copy a weight-rewriting adapter keeps, else the weight it holds."""
+    container = layer._modules.get(CONTAINER)
+    kept = [a.original_weight for a in (container.values() if container is not None else ())
+            if a.original_weight is not None]
+    return kept[0] if kept else layer.weight
+
+
+def base_matrix(layer: nn.Module) -> torch.Tensor:
+    """base_weight as the (d_out, d_in) matrix its kind shows a method (layer_kinds); for expert parameters the
+    experts' matrices stacked, (num_experts·d_out, d_in)."""
+    kind, W = KINDS[kind_of(layer)], base_weight(layer)
+    if isinstance(layer, experts.ExpertsParameter):
+        return torch.cat([kind.as_2d(layer, W[e]) for e in range(layer.num_experts)])
+    return kind.as_2d(layer, W)
 
 
 @torch.no_grad()
