@@ -69,7 +69,7 @@ def test_qwen_preset_runs_every_stage_on_local_files(local_qwen, tmp_path, capsy
         run = next(out.glob(f"model__{variant}__*"))
         result = json.loads((run / "result.json").read_text())
         assert result["status"] == "ok" and result["settings"]["dtype"] == "bfloat16"
-        (_, _, tensors), = ll.io.read_adapter_file(run / "adapter.safetensors").values()
+        (_, _, tensors, _), = ll.io.read_adapter_file(run / "adapter.safetensors").values()
         assert {t.dtype for t in tensors.values()} == {torch.float32} and result["train"]["losses"][-1] > 0
         assert len(result["test"]["acc_scores"]) == 4 and result["forgetting"] == result["forgetting"]
     assert "| lora |" in (out / "results.md").read_text()

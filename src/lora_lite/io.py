@@ -4,8 +4,12 @@ Format v2 (what save writes): one tensor per adapter tensor, keyed by its path i
 `<layer>.lora_adapters.<adapter name>.<lora tensor>` (e.g. `model.layers.0.self_attn.q_proj.lora_adapters.
 default.lora_A`), plus string metadata:
     format       "lora-lite"     format_version  "2"
-    adapters     JSON object {adapter name: {"config": AdapterConfig.to_dict(), "targets": [layer names],
-                 "base_fingerprint": {layer name: [rms, z_1, z_2, z_3, z_4]}}}
+    adapters     JSON object {adapter name: {"config": AdapterConfig.to_dict(), "targets": [layer names]}}, and,
+                 only when used: "layers" ({layer: {"r": .., "alpha": ..}}, the values rank_pattern /
+                 alpha_pattern gave it), "modules_to_save" ([module names]), "token_rows" ({"embedding":
+                 name, "tied_head": name or null}) and "base_fingerprint" ({layer name: [rms, z_1, z_2, z_3, z_4]})
+Modules trained whole store each parameter under `<module>.lora_saved.<adapter>.<parameter>`, trainable embedding
+rows under `<embedding>.lora_tokens.<adapter>.rows` (lora_lite.extras).
 "base_fingerprint" is written for methods whose data derive from the base weights (needs_dense_weight: PiSSA,
 the SVD-basis family, LoRA-XS, DoRA) and is optional when reading (files written before it load unchecked):
 lora_lite.fingerprint defines it, and load refuses a base whose weights do not match it. A file holds one
@@ -29,6 +33,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,27 +42,46 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
-from . import fingerprint, validate
+from . import extras, fingerprint, validate
 from .checked_file import CheckedFile
-from .config import AdapterConfig
-from .errors import AttachStateError, CheckpointError
+from .config import LAYER_FIELDS, AdapterConfig
+from .errors import AttachStateError, CheckpointError, UnsavedParametersWarning
 from .runtime import (
     CONTAINER,
     FROZEN_ATTR,
     Adapter,
     adapter_layers,
     adapters_by_name,
-    base_weight,
+    base_matrix,
     check_new_name,
     install,
+    iter_adapters,
     remove_adapters,
     variant_of,
 )
 from .transaction import ModelSnapshot
 from .validate import FORMAT, FORMAT_VERSION
 
-# What one adapter in a file is: its config, its target layer names and its tensors keyed `<layer>.<lora tensor>`.
-Entry = tuple[AdapterConfig, list[str], dict[str, torch.Tensor]]
+# What one adapter in a file is: its config, its target layer names, its tensors keyed `<layer>.<lora tensor>`
+# (extras keyed `<module>.lora_saved.<parameter>` / `<embedding>.lora_tokens.rows`), and `info`: the optional
+# metadata ("layers", "modules_to_save", "token_rows"; {} for a plain adapter).
+Entry = tuple[AdapterConfig, list[str], dict[str, torch.Tensor], dict]
+_EXTRA_CONTAINERS = (extras.SAVED, extras.TOKENS)
+
+
+def layer_values(a) -> dict:
+    """The r / alpha a layer's adapter got from rank_pattern / alpha_pattern, where they differ from the config's."""
+    return {k: getattr(a.cfg, k) for k in LAYER_FIELDS
+            if hasattr(a.cfg, k) and getattr(a.cfg, k) != getattr(a.attached_cfg, k)}
+
+
+def entry_info(model: nn.Module, name: str, layers: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(info, extras tensors) of adapter `name`, as an Entry carries them."""
+    info, tensors = extras.entry(model, name)
+    values = {lname: v for lname, a in layers.items() if (v := layer_values(a))}
+    if values:
+        info["layers"] = values
+    return info, tensors
 
 
 def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
@@ -72,21 +96,35 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         raise AttachStateError("save() found no adapter on this model; attach or load one first")
     if name is not None and name not in groups:
         raise AttachStateError(f"save(): no adapter named {name!r} on this model; attached: {list(groups)}")
-    entries, prints = {}, {}
+    _warn_unsaved(model)
+    entries = {}
     for n in [name] if name is not None else groups:
         layers = adapter_layers(model, n)
         tensors = {f"{lname}.{t}": getattr(a, t).detach().to("cpu").contiguous()
                    for lname, a in layers.items() for t in a.tensor_names}
-        entries[n] = (groups[n][0].cfg, list(layers), tensors)
+        info, extra_tensors = entry_info(model, n, layers)
         if getattr(groups[n][0].variant, "needs_dense_weight", False):
-            prints[n] = base_fingerprints(layers, path)
-    return write_adapter(path, entries, prints)
+            info["base_fingerprint"] = base_fingerprints(layers, path)
+        entries[n] = (groups[n][0].attached_cfg, list(layers), tensors | extra_tensors, info)
+    return write_adapter(path, entries)
+
+
+def _warn_unsaved(model: nn.Module) -> None:
+    """Trainable parameters no adapter owns (a head unfrozen by hand) are not saved: say so, do not drop them silently."""
+    owned = {id(p) for a in iter_adapters(model) for p in a.parameters()}
+    owned |= {id(p) for e in extras.iter_extras(model) for p in extras.trained_parameters(e)}
+    stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+    if stray:
+        warnings.warn(UnsavedParametersWarning(
+            f"save() does not store {len(stray)} trainable parameters that belong to no adapter ({stray[:4]}"
+            f"{' ...' if len(stray) > 4 else ''}), so a reload will not have their trained values; train such "
+            "modules with the config's modules_to_save=(...) instead"), stacklevel=3)
 
 
 def base_fingerprints(layers: dict[str, Adapter], path: Path) -> dict[str, list[float]]:
     out = {}
     for lname, a in layers.items():
-        out[lname] = fingerprint.of_weight(base_weight(a.base))
+        out[lname] = fingerprint.of_weight(base_matrix(a.base))
         if not all(map(math.isfinite, out[lname])):
             raise CheckpointError(f"save() refuses to write {str(path)!r} (any file there is unchanged): the base "
                                   f"weight of {lname!r} holds NaN/inf, so the adapter's fingerprint of it is "
@@ -94,20 +132,15 @@ def base_fingerprints(layers: dict[str, Adapter], path: Path) -> dict[str, list[
     return out
 
 
-def write_adapter(path: str | os.PathLike, entries: dict[str, Entry],
-                  fingerprints: dict[str, dict[str, list[float]]] | None = None) -> Path:
-    """Write {adapter name: (config, targets, tensors)} as one format-v2 file, atomically; `fingerprints` holds
-    {adapter name: {layer: base fingerprint}} for the adapters that carry one."""
+def write_adapter(path: str | os.PathLike, entries: dict[str, Entry]) -> Path:
+    """Write {adapter name: (config, targets, tensors, info)} as one format-v2 file, atomically."""
     path = target_path(path, "save()")
     flat = {}
-    for n, (_, _, tensors) in entries.items():
+    for n, (_, _, tensors, _) in entries.items():
         validate.check_values(tensors, path, writing=True)
         for key, t in tensors.items():
-            lname, tname = key.rsplit(".", 1)
-            flat[f"{lname}.{CONTAINER}.{n}.{tname}"] = t
-    adapters = {n: {"config": cfg.to_dict(), "targets": targets} for n, (cfg, targets, _) in entries.items()}
-    for n, prints in (fingerprints or {}).items():
-        adapters[n]["base_fingerprint"] = prints
+            flat[file_key(key, n)] = t
+    adapters = {n: {"config": cfg.to_dict(), "targets": targets, **info} for n, (cfg, targets, _, info) in entries.items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "adapters": json.dumps(adapters, sort_keys=True, allow_nan=False)}
     try:
@@ -117,6 +150,16 @@ def write_adapter(path: str | os.PathLike, entries: dict[str, Entry],
         raise CheckpointError(f"could not write {str(path)!r} ({e}); any previous file there is unchanged. "
                               "Check the directory exists, is writable and has free space") from None
     return path
+
+
+def file_key(key: str, name: str) -> str:
+    """`<layer>.<tensor>` -> `<layer>.lora_adapters.<name>.<tensor>`; extras get the name after their container."""
+    for container in _EXTRA_CONTAINERS:
+        head, sep, rest = key.rpartition(f".{container}.")
+        if sep:
+            return f"{head}.{container}.{name}.{rest}"
+    lname, tname = key.rsplit(".", 1)
+    return f"{lname}.{CONTAINER}.{name}.{tname}"
 
 
 def target_path(path, what: str) -> Path:
@@ -200,20 +243,20 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, Entry]:
-    """Parse and validate an adapter file on its own (no model): {adapter name: (config, targets, tensors)}."""
+    """Parse and validate an adapter file on its own (no model): {adapter name: (config, targets, tensors, info)}."""
     with CheckedFile(path) as f:
         adapters = validate.parse_metadata(f.meta, f.path)
         keys = validate.split_keys(f.meta["format_version"], adapters, f.entries, f.path)
         out = {}
-        for n, (cfg, targets, _) in adapters.items():
+        for n, (cfg, targets, info) in adapters.items():
             tensors = _read(f, keys[n])
             validate.check_values(tensors, f.path)
-            out[n] = (cfg, targets, tensors)
+            out[n] = (cfg, targets, tensors, info)
     return out
 
 
 def _read(f: CheckedFile, keys: dict[str, str]) -> dict[str, torch.Tensor]:
-    """{`<layer>.<lora tensor>`: tensor} for one adapter, from {that key: the file's key}."""
+    """{`<layer>.<lora tensor>` (or an extra's key): tensor} for one adapter, from {that key: the file's key}."""
     raw = f.read(keys.values())
     return {k: raw[file_key] for k, file_key in keys.items()}
 
@@ -234,11 +277,11 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
         chosen = _choose(adapters, name, f.path)  # {name to load under: name in the file}
         plans = {}
         for n, stored in chosen.items():
-            cfg, targets, prints = adapters[stored]
+            cfg, targets, info = adapters[stored]
             specs = {k: f.entries[file_key] for k, file_key in keys[stored].items()}
-            plans[n] = plan_entry(model, n, cfg, targets, specs, f.path)
-            validate.check_fingerprints(variant_of(cfg), n, plans[n], prints, f.path)
-        entries = {n: (adapters[s][0], adapters[s][1], _read(f, keys[s])) for n, s in chosen.items()}
+            plans[n] = plan_entry(model, n, cfg, targets, specs, info, f.path)
+            validate.check_fingerprints(variant_of(cfg), n, plans[n][0], info.get("base_fingerprint"), f.path)
+        entries = {n: (*adapters[s][:2], _read(f, keys[s]), adapters[s][2]) for n, s in chosen.items()}
     install_entries(model, entries, plans, f.path)
     return list(entries)
 
@@ -255,36 +298,52 @@ def _choose(adapters: dict, name: str | None, path: Path) -> dict[str, str]:
 
 
 def plan_entry(model: nn.Module, name: str, cfg: AdapterConfig, targets: list[str],
-               specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], source: Path):
-    """Every check of one adapter against `model` that needs no tensor data; returns its install plan."""
+               specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], info: dict, source: Path):
+    """Every check of one adapter against `model` that needs no tensor data; returns its install plan
+    (layers, extras)."""
     check_new_name(model, name)
-    return validate.fit_to_model(model, variant_of(cfg), cfg, name, targets, specs, source)
+    main = {k: v for k, v in specs.items() if not _is_extra(k)}
+    plan = validate.fit_to_model(model, variant_of(cfg), cfg, name, targets, main, source,
+                                 layer_values=info.get("layers", {}))
+    extra = extras.plan_from_file(model, cfg, name, info, {k: v for k, v in specs.items() if _is_extra(k)},
+                                  [layer for _, layer, _ in plan], source)
+    return plan, extra
 
 
 def attach_entries(model: nn.Module, entries: dict[str, Entry], source: str) -> list[str]:
-    """Attach each (config, targets, tensors) under its name after checking that all of them fit `model`."""
+    """Attach each (config, targets, tensors, info) under its name after checking that all of them fit `model`."""
     plans = {n: plan_entry(model, n, cfg, targets, {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()},
-                           Path(source))
-             for n, (cfg, targets, tensors) in entries.items()}
+                           info, Path(source))
+             for n, (cfg, targets, tensors, info) in entries.items()}
     install_entries(model, entries, plans, Path(source))
     return list(entries)
 
 
 def install_entries(model: nn.Module, entries: dict[str, Entry], plans: dict, source: Path) -> None:
     """Check the values against the planned layers, then install every adapter as one transaction."""
-    for n, (cfg, _, tensors) in entries.items():
-        validate.check_values(tensors, source, layer_dtypes=validate.compute_dtypes(plans[n]))
-        validate.check_residuals(variant_of(cfg), cfg, n, plans[n], tensors, source)
+    for n, (cfg, _, tensors, _) in entries.items():
+        plan = plans[n][0]
+        main = {k: t for k, t in tensors.items() if not _is_extra(k)}
+        validate.check_values(main, source, layer_dtypes=validate.compute_dtypes(plan))
+        validate.check_values({k: t for k, t in tensors.items() if _is_extra(k)}, source)
+        validate.check_residuals(variant_of(cfg), cfg, n, plan, main, source)
     snapshot = ModelSnapshot(model)
     frozen_before = len(model.__dict__.get(FROZEN_ATTR, ()))
     installed = []
     try:
-        for n, (cfg, _, tensors) in entries.items():
-            installed += install(model, n, cfg, plans[n], tensors=tensors, calibration_data=None)
+        for n, (cfg, _, tensors, info) in entries.items():
+            plan, extra = plans[n]
+            installed += install(model, n, cfg, plan, tensors=tensors, calibration_data=None,
+                                 layer_values=info.get("layers", {}), extra=extra)
     except BaseException:
         try:
+            extras.remove([e for e in extras.iter_extras(model) if e.name in entries])
             remove_adapters(installed)
         finally:
             del model.__dict__.get(FROZEN_ATTR, [])[frozen_before:]
             snapshot.restore()
         raise
+
+
+def _is_extra(key: str) -> bool:
+    return any(f".{c}." in key for c in _EXTRA_CONTAINERS)

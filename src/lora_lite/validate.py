@@ -7,12 +7,17 @@ An adapter file may come from a stranger, so nothing in it is trusted. In the or
             equals its offsets, and the offsets must tile the data section exactly (no gap, no overlap, nothing
             past the end). A file that declares terabytes is refused before anything is allocated.
   metadata  format, format_version (1 or 2), per adapter a config that rebuilds a typed AdapterConfig (target
-            regexes bounded by lora_lite.patterns), a list of unique targets and an optional base fingerprint;
-            every tensor key belongs to one adapter.
-  model     from the header alone: no more targets than the model has linear layers; every target a linear
-            layer under a name named_modules gives (never an attribute path such as HF's `base_model`), no
-            module twice; every tensor's name, shape and dtype what the method would create on that layer;
-            the base fingerprint, where stored, matches the layer's weight (lora_lite.fingerprint).
+            regexes bounded by lora_lite.patterns), a list of unique targets, and optionally: `layers` (per-layer
+            r / alpha from rank_pattern / alpha_pattern, for targets only), `modules_to_save` (module names),
+            `token_rows` ({"embedding", "tied_head"} names) and `base_fingerprint`; every tensor key belongs to
+            one adapter.
+  model     from the header alone: no more targets than the model has adaptable layers; every target a layer
+            of a kind lora-lite adapts (linear, Conv1D, conv, embedding, or an expert parameter
+            `<experts module>.lora_experts.<parameter>`) under a name named_modules gives (never an attribute
+            path such as HF's `base_model`), no module twice; every tensor's name, shape and dtype what the
+            method would create on that layer (with that layer's stored r / alpha); modules trained whole and
+            token rows must exist, with every parameter / the rows' shape matching; the base fingerprint, where
+            stored, matches the layer's weight (lora_lite.fingerprint).
   values    read only now: every tensor finite (NaN/inf means the run diverged) and within the range of the
             dtype of the layer it goes to; for weight-rewriting methods, W - base_delta finite in W's dtype.
 Any failure raises CheckpointError (UnknownVariantError for an unregistered variant) naming the file.
@@ -35,12 +40,24 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from . import fingerprint
-from .config import AdapterConfig
+from . import experts, fingerprint
+from .config import LAYER_FIELDS, AdapterConfig, for_layer
 from .errors import AttachStateError, CheckpointError, ConfigError, TargetError
-from .runtime import _NAME, CONTAINER, Adapter, bare_name, base_weight, plan_layer, residual
-from .target import d_model, is_linear_like, role_of
-from .typecheck import short_repr
+from .extras import SAVED, TOKENS
+from .layer_kinds import kind_of
+from .runtime import (
+    _NAME,
+    CONTAINER,
+    Adapter,
+    bare_name,
+    base_matrix,
+    base_weight,
+    plan_layer,
+    residual,
+    stored_shape,
+)
+from .target import d_model, role_of
+from .typecheck import check_field, short_repr
 from .variant import rewrites_weight
 
 FORMAT = "lora-lite"
@@ -49,6 +66,8 @@ READABLE_VERSIONS = ("1", "2")
 MAX_HEADER_BYTES = 8 * 2**20  # ~100 bytes per tensor entry: room for ~80k adapter tensors
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
+_ADAPTER_KEYS = {"config", "targets"}
+_OPTIONAL_KEYS = {"layers", "modules_to_save", "token_rows", "base_fingerprint"}
 
 
 @dataclass(frozen=True)
@@ -60,7 +79,6 @@ class FileKind:
 
 
 ADAPTER_FILE = FileKind("lora-lite adapter file", "Re-download it or re-save it with lora_lite.save")
-_ADAPTER_KEYS = {"config", "targets", "base_fingerprint"}
 
 
 def check_path(path: str | os.PathLike, what: str = "load()") -> Path:
@@ -146,8 +164,8 @@ def _check_entry(name: str, entry, path: Path, kind: FileKind):
     return _DTYPES[dtype], tuple(shape), offsets
 
 
-def parse_metadata(meta: dict[str, str], path: Path) -> dict[str, tuple[AdapterConfig, list[str], dict | None]]:
-    """{adapter name: (config, targets, base fingerprints or None)} from a v1 or v2 file's metadata."""
+def parse_metadata(meta: dict[str, str], path: Path) -> dict[str, tuple[AdapterConfig, list[str], dict]]:
+    """{adapter name: (config, targets, info)} from a v1 or v2 file's metadata; info holds the optional keys."""
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a lora-lite adapter (metadata format={short_repr(meta.get('format'))}, "
                               f"expected {FORMAT!r}); for PEFT directories use lora_lite.import_peft")
@@ -161,7 +179,7 @@ def parse_metadata(meta: dict[str, str], path: Path) -> dict[str, tuple[AdapterC
                 raise CheckpointError(f"{str(path)!r} lacks the {key!r} metadata entry; re-save it with lora_lite.save")
         config = parse_json(meta["config"].encode(), path, "config metadata")
         targets = parse_json(meta["targets"].encode(), path, "targets metadata")
-        return {"default": (_config(_from_v1(config), path), _targets(targets, path), None)}
+        return {"default": (_config(_from_v1(config), path), _targets(targets, path), {})}
     if "adapters" not in meta:
         raise CheckpointError(f"{str(path)!r} lacks the 'adapters' metadata entry; re-save it with lora_lite.save")
     adapters = parse_json(meta["adapters"].encode(), path, "adapters metadata")
@@ -171,15 +189,48 @@ def parse_metadata(meta: dict[str, str], path: Path) -> dict[str, tuple[AdapterC
     for name, entry in adapters.items():
         if not _NAME.fullmatch(name):
             raise _bad(path, f"adapter name {short_repr(name)} is not 1-64 letters, digits, '_' or '-'")
-        if not (isinstance(entry, dict) and {"config", "targets"} <= set(entry) <= _ADAPTER_KEYS):
+        if not (isinstance(entry, dict) and _ADAPTER_KEYS <= set(entry) <= _ADAPTER_KEYS | _OPTIONAL_KEYS):
             raise _bad(path, f"adapter {name!r} must be an object with keys 'config' and 'targets' (and optionally "
-                             "'base_fingerprint')")
-        targets = _targets(entry["targets"], path)
-        prints = _fingerprints(entry["base_fingerprint"], targets, name, path) if "base_fingerprint" in entry else None
-        out[name] = (_config(entry["config"], path), targets, prints)
+                             f"{sorted(_OPTIONAL_KEYS)})")
+        cfg, targets = _config(entry["config"], path), _targets(entry["targets"], path)
+        info = _info(entry, cfg, targets, path)
+        if "base_fingerprint" in entry:
+            info["base_fingerprint"] = _fingerprints(entry["base_fingerprint"], targets, name, path)
+        out[name] = (cfg, targets, info)
     return out
 
 
+def _info(entry: dict, cfg: AdapterConfig, targets: list[str], path: Path) -> dict:
+    """The optional keys of an adapter entry, type-checked (their fit to the model is checked later)."""
+    info = {}
+    layers = entry.get("layers", {})
+    if not (isinstance(layers, dict) and set(layers) <= set(targets)):
+        raise _bad(path, "its per-layer 'layers' metadata must be an object keyed by the adapter's targets")
+    fields = {k for k in LAYER_FIELDS if hasattr(cfg, k)}
+    for lname, values in layers.items():
+        if not (isinstance(values, dict) and values and set(values) <= fields):
+            raise _bad(path, f"layer {short_repr(lname)} has per-layer values {short_repr(values)}; expected an "
+                             f"object with some of {sorted(fields)}")
+        try:
+            checked = {k: check_field(type(cfg), k, v) for k, v in values.items()}
+            for_layer(cfg, checked)  # r >= 1, finite alpha: the config's own checks
+        except ConfigError as e:
+            raise CheckpointError(f"{str(path)!r}: layer {short_repr(lname)}: {e}") from None
+        info.setdefault("layers", {})[lname] = checked
+    if "modules_to_save" in entry:
+        saved = entry["modules_to_save"]
+        if not (isinstance(saved, list) and saved and all(isinstance(n, str) and n for n in saved)
+                and len(set(saved)) == len(saved)):
+            raise _bad(path, f"its modules_to_save metadata is {short_repr(saved)}; expected unique module names")
+        info["modules_to_save"] = saved
+    if "token_rows" in entry:
+        rows = entry["token_rows"]
+        if not (isinstance(rows, dict) and set(rows) == {"embedding", "tied_head"}
+                and isinstance(rows["embedding"], str) and isinstance(rows["tied_head"], (str, type(None)))):
+            raise _bad(path, f"its token_rows metadata is {short_repr(rows)}; expected "
+                             '{"embedding": name, "tied_head": name or null}')
+        info["token_rows"] = rows
+    return info
 def _fingerprints(value, targets: list[str], name: str, path: Path) -> dict[str, list[float]]:
     def is_stat(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -224,12 +275,17 @@ def split_keys(version: str, adapters: dict, keys, path: Path) -> dict[str, dict
         return {"default": {k: k for k in keys}}
     out: dict[str, dict[str, str]] = {name: {} for name in adapters}
     for key in keys:
-        lname, sep, rest = key.rpartition(f".{CONTAINER}.")
+        for container in (CONTAINER, SAVED, TOKENS):
+            lname, sep, rest = key.rpartition(f".{container}.")
+            if sep:
+                break
         name, _, tname = rest.partition(".")
         if not sep or name not in out or not tname:
-            raise _bad(path, f"tensor {short_repr(key)} is not `<layer>.{CONTAINER}.<adapter>.<tensor>` for an "
-                             f"adapter in its metadata ({sorted(adapters)})")
-        out[name][f"{lname}.{tname}"] = key
+            raise _bad(path, f"tensor {short_repr(key)} is not `<layer>.{CONTAINER}.<adapter>.<tensor>` (or "
+                             f"{SAVED} / {TOKENS} in place of {CONTAINER}) for an adapter in its metadata "
+                             f"({sorted(adapters)})")
+        # main tensors keyed `<layer>.<tensor>`, extras keep their container: `<module>.lora_saved.<parameter>`
+        out[name][f"{lname}.{tname}" if container == CONTAINER else f"{lname}.{container}.{tname}"] = key
     return out
 
 
@@ -293,7 +349,7 @@ def check_fingerprints(variant: type, name: str, plan, stored: dict[str, list[fl
     if stored is None:
         return
     for lname, layer, _ in plan:
-        current = fingerprint.of_weight(base_weight(layer))
+        current = fingerprint.of_weight(base_matrix(layer))
         if not fingerprint.matches(stored[lname], current):
             raise CheckpointError(f"{str(path)!r}: adapter {name!r} was saved from another base model: the weight of "
                                   f"{lname!r} does not match the fingerprint stored with it "
@@ -302,35 +358,55 @@ def check_fingerprints(variant: type, name: str, plan, stored: dict[str, list[fl
                                   "trained on (in any float dtype); load it onto that model")
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """{name: layer} for every linear-like module under every name it is registered as (aliases included), also
-    without the segments wrappers insert. Names are what named_modules gives, never attribute lookups, so an HF
-    property such as `base_model` cannot create a second name for a layer."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} under every name it is registered as (aliases included), also without the segments wrappers
+    insert. Names are what named_modules gives, never attribute lookups, so an HF property such as `base_model`
+    cannot create a second name for a layer."""
     out = {}
-    for lname, layer in model.named_modules(remove_duplicate=False):
-        if lname and layer is not head and is_linear_like(layer):
-            out[lname] = out[bare_name(lname)] = layer
+    for lname, module in model.named_modules(remove_duplicate=False):
+        if lname:
+            out[lname] = out[bare_name(lname)] = module
     return out
 
 
+def adaptable_count(modules: dict[str, nn.Module]) -> int:
+    """How many distinct targets a file could name on this model: layers of a kind lora-lite adapts, plus one per
+    expert parameter."""
+    distinct = {id(m): m for m in modules.values()}.values()
+    return sum(len(experts.expert_parameter_names(m)) if experts.is_experts_module(m) else kind_of(m) is not None
+               for m in distinct)
+
+
+def resolve_layer(modules: dict[str, nn.Module], lname: str) -> nn.Module | None:
+    """The module a file's target names, by exact name; `<experts>.lora_experts.<parameter>` resolves to that
+    parameter's placeholder (lora_lite.experts), which a fresh model does not have yet."""
+    owner_name, sep, pname = lname.rpartition(f".{experts.HOLDER}.")
+    if sep:
+        owner = modules.get(owner_name)
+        ok = owner is not None and experts.is_experts_module(owner) and pname in experts.expert_parameter_names(owner)
+        return experts.placeholder(owner, pname) if ok else None
+    return modules.get(lname)
+
+
 def fit_to_model(model: nn.Module, variant: type, cfg: AdapterConfig, name: str, targets: list[str],
-                 specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                 path: Path) -> list[tuple[str, nn.Module, str | None]]:
+                 specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], path: Path,
+                 layer_values: dict | None = None) -> list[tuple[str, nn.Module, str | None]]:
     """Resolve the file's targets on `model` and check every tensor's name, dtype and shape (`specs`, from the
-    header) against them. Reads no tensor data and touches nothing."""
-    layers = linear_layers(model)
-    n_layers = len({id(layer) for layer in layers.values()})
+    header) against them (each layer with its stored r / alpha, `layer_values`). Reads no tensor data and
+    touches nothing."""
+    modules = named_modules(model)
+    n_layers = adaptable_count(modules)
     if len(targets) > n_layers:  # refused before any per-target work: a file may name 100k layers
         raise CheckpointError(f"{str(path)!r}: adapter {name!r} adapts {len(targets)} layers but this model has "
-                              f"{n_layers} linear layers; it was saved for another architecture")
+                              f"{n_layers} layers lora-lite can adapt; it was saved for another architecture")
     hidden = d_model(model) if cfg.target_roles else 0
     plan, expected, seen = [], {}, {}
     for lname in targets:
-        layer = layers.get(lname)
-        if layer is None:
-            raise CheckpointError(f"{str(path)!r} adapts {lname!r}, which is not a linear layer of this model; it was "
-                                  "saved for another architecture. Load it onto the base model it was trained on")
+        layer = resolve_layer(modules, lname)
+        if layer is None or layer is model or kind_of(layer) is None:
+            raise CheckpointError(f"{str(path)!r} adapts {lname!r}, which is not a layer lora-lite adapts in this "
+                                  "model; it was saved for another architecture. Load it onto the base model it was "
+                                  "trained on")
         if id(layer) in seen:
             raise CheckpointError(f"{str(path)!r}: adapter {name!r} names one layer twice ({seen[id(layer)]!r} and "
                                   f"{lname!r} are the same module); the file is damaged or hand-edited. Re-save it")
@@ -339,13 +415,13 @@ def fit_to_model(model: nn.Module, variant: type, cfg: AdapterConfig, name: str,
             role = role_of(lname, layer, hidden) if cfg.target_roles else None
             if cfg.target_roles and role not in cfg.target_roles:
                 raise TargetError(f"{lname!r} is a {role} layer but the config keeps only {cfg.target_roles}")
-            layer_specs = plan_layer(variant, cfg, name, lname, layer)
+            layer_specs = plan_layer(variant, for_layer(cfg, (layer_values or {}).get(lname, {})), name, lname, layer)
         except (ConfigError, TargetError, AttachStateError) as e:
             raise CheckpointError(f"{str(path)!r} does not fit layer {lname!r} of this model: {e}") from None
         dtypes = set()
         for tname, spec in layer_specs.items():
             key = f"{lname}.{tname}"
-            expected[key] = spec.shape
+            expected[key] = stored_shape(layer, spec.shape)
             if key in specs:
                 dtypes.add(specs[key][0])
         if len(dtypes) > 1 or (cfg.dtype is not None and dtypes - {cfg.dtype}):

@@ -59,7 +59,7 @@ def probe_one(bench, vs, stop, reload_tol: float, label: str) -> dict:
         trained = model(**inputs).logits.float()
     fresh = copy.deepcopy(bench.model)
     ll.load(fresh, path)
-    (_, _, saved), = ll.io.read_adapter_file(path).values()
+    (_, _, saved, _), = ll.io.read_adapter_file(path).values()
     reloaded_layers = ll.runtime.adapter_layers(fresh)
     mismatched = [k for k, t in saved.items()
                   if not torch.equal(getattr(reloaded_layers[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).cpu(), t)]

@@ -330,7 +330,7 @@ class Bench:
                 append_summary(self.opt.output_dir, result, p.metric)
             self.log(f"{label}: {e}")
             return result
-        (_, _, init_tensors), = ll.io.read_adapter_file(run_dir / "adapter_init.safetensors").values()
+        (_, _, init_tensors, _), = ll.io.read_adapter_file(run_dir / "adapter_init.safetensors").values()
         result["adapter_delta"], result["adapter_unchanged"] = adapter_change(model, init_tensors)
         check_training(result)
         result.update(self._score_all(model, label))
