@@ -194,6 +194,11 @@ def test_readme_several_adapters_section_leaves_the_named_adapters(page_dirs):
     assert "adapters: ['math', 'math_07']" in out, out
 
 
+def test_readme_deploy_section_merged_model_equals_the_imported_peft_export(page_dirs):
+    out = python_result(readme_block("ll.import_peft"), page_dirs)["stdout"]
+    assert "merged = imported: True" in out, out
+
+
 # ------------------------------------------------------------------------------------------------ shell
 
 
