@@ -50,6 +50,12 @@ def target(argv: list[str]) -> tuple[str, bool, list[str]]:
 
 def check(argv: list[str]) -> tuple[bool, str]:
     original = argparse.ArgumentParser.parse_args
+    try:  # the launcher's own parse, before the patch below: it is the program behind it that must stop
+        script, is_module, args = target(argv)
+    except SystemExit as e:
+        return False, f"the launcher refused its arguments (exit {e.code})"
+    except ValueError as e:
+        return False, str(e)
 
     def parse_then_stop(self, args=None, namespace=None):
         ns = original(self, args, namespace)  # a bad argument exits 2 here, with argparse's message on stderr
@@ -58,7 +64,6 @@ def check(argv: list[str]) -> tuple[bool, str]:
     argparse.ArgumentParser.parse_args = parse_then_stop
     saved_argv, err = sys.argv, io.StringIO()
     try:
-        script, is_module, args = target(argv)
         sys.argv = [script, *args]
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             if is_module:

@@ -421,6 +421,9 @@ def test_the_checkers_fail_on_broken_snippets(tmp_path):
     created: set[str] = set()
     assert check_command(["lora-lite", "bench", "--no-such-flag"], created)
     assert check_command(["torchrun", "--nproc_per_node", "2", "examples/no_such_script.py"], created)
+    # the script behind a launcher is checked, not only the launcher
+    assert check_command(["torchrun", "--nproc_per_node", "2", "-m", "lora_lite.cli", "bench", "--lorr", "1"], created)
+    assert check_command(["accelerate", "launch", "examples/train_distributed.py", "--no-such-flag"], created)
     assert check_command(["pip", "install", "-e", ".[no-such-extra]"], created)
     assert check_command(["pip", "install", "torch==1.0"], created)  # not the pin .ci/run installs
     assert check_command([".", ".venv/bin/activate"], set())  # no venv made earlier in the block
