@@ -36,9 +36,10 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import AttachStateError, CalibrationError, ConfigError, UnsupportedLayerError
+from .save_guard import guard, unguard
 from .target import find_targets
 from .transaction import ModelSnapshot
-from .variant import hook_only_methods, rewrites_weight, variant_named
+from .variant import autocast_off, hook_only_methods, rewrites_weight, variant_named
 
 CONTAINER = "lora_adapters"
 FROZEN_ATTR = "_lora_lite_frozen"  # on the module attach was called on: the base parameters it froze
@@ -322,6 +323,7 @@ def install(model, name, cfg, targets, *, tensors, calibration_data) -> list[Ada
         raise
     if frozen:
         model.__dict__.setdefault(FROZEN_ATTR, []).extend(frozen)
+    guard(model)  # transformers' save_pretrained would drop the adapter silently: refuse it (save_guard.py)
     return added
 
 
@@ -346,7 +348,8 @@ def _add_tensors(a: Adapter, lname: str, specs, tensors) -> None:
 def apply_residual(a: Adapter) -> None:
     """W <- W_original - base_delta, computed in fp32 and rounded once to W's dtype."""
     weight = a.base.weight
-    delta = a.variant.base_delta(a).to(weight.device, torch.float32)
+    with autocast_off(weight.device):  # else a switch inside an autocast block would rebuild W_res from bf16 math
+        delta = a.variant.base_delta(a).to(weight.device, torch.float32)
     weight.copy_((a.original_weight.to(weight.device, torch.float32) - delta).to(weight.dtype))
     a.residual_applied = True
 
@@ -448,6 +451,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
         for module in model.modules():
             for p in module.__dict__.pop(FROZEN_ATTR, ()):
                 p.requires_grad_(True)
+    unguard(model)
 
 
 @torch.no_grad()

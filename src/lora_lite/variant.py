@@ -50,6 +50,7 @@ Facts the rest of the package reads (optional unless noted)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,6 +147,14 @@ def rewrites_weight(variant: type) -> bool:
 def hook_only_methods() -> list[str]:
     """Methods that never need a dense float weight, so they run on bitsandbytes 4/8-bit layers."""
     return sorted(n for n, v in REGISTRY.items() if not getattr(v, "needs_dense_weight", False))
+
+
+def autocast_off(device: torch.device):
+    """A block where fp32 math stays fp32 inside an autocast region, which would run its matmuls in bf16/fp16
+    (base_delta, a method's fp32 statistics). A no-op on devices autocast does not know."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_rank(d_in: int, d_out: int, cfg: Any) -> None:

@@ -1,0 +1,109 @@
+"""Adapter directories, save_pretrained-style: the adapter alone, never the base.
+
+    ll.hf.save_pretrained(model, "out")                       # out/adapter.safetensors, configs in its metadata
+    model = ll.hf.from_pretrained("Qwen/Qwen3-0.6B-Base", "out", dtype=torch.bfloat16)   # base + adapter, one call
+
+The directory holds one lora-lite adapter file (format v2, lora_lite.io), so it is a few KB to MB where the
+model's own save_pretrained would write every base tensor. Trainer checkpoints written through
+lora_lite.hf.AdapterCheckpoints are such directories too (plus the trainer's own state files).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..distributed import unwrap
+from ..errors import CheckpointError, ConfigError
+from ..io import load, read_adapter_file, save
+from ..runtime import adapter_layers, adapters_by_name, set_activity
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> Path:
+    """Write the model's adapters (None: all; else just `name`) to `directory/adapter.safetensors`, atomically.
+    Returns the file's path."""
+    directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"save_pretrained() needs a directory, but {str(directory)!r} is a file; pass a "
+                              "directory path, or use lora_lite.save(model, path) for a single file")
+    return save(unwrap(model), directory / ADAPTER_FILE, name=name)
+
+
+def adapter_file(directory: str | os.PathLike) -> Path:
+    """`directory/adapter.safetensors`, or a CheckpointError that says what the directory holds instead."""
+    directory = Path(directory)
+    path = directory / ADAPTER_FILE
+    if path.is_file():
+        return path
+    if not directory.is_dir():
+        raise CheckpointError(f"{str(directory)!r} is not a directory; pass the directory that "
+                              "lora_lite.hf.save_pretrained or a lora_lite.hf Trainer checkpoint wrote")
+    present = sorted(p.name for p in directory.iterdir())
+    if "adapter_model.safetensors" in present:
+        hint = "it is a PEFT adapter: attach it with lora_lite.import_peft(model, directory)"
+    elif any(n.startswith("model") and n.endswith(".safetensors") for n in present):
+        hint = ("it holds whole-model weights (transformers' save_pretrained, or a Trainer without "
+                "lora_lite.hf.AdapterCheckpoints), which carry no lora-lite config")
+    else:
+        hint = f"it holds {present[:8]}"
+    raise CheckpointError(f"{str(directory)!r} has no {ADAPTER_FILE}; {hint}. Adapter directories are written by "
+                          "lora_lite.hf.save_pretrained(model, directory)")
+
+
+def from_pretrained(base: str | os.PathLike, adapter_dir: str | os.PathLike, *, name: str | None = None,
+                    model_class=None, **from_pretrained_kwargs) -> nn.Module:
+    """The adapted model in one call: `model_class.from_pretrained(base, **from_pretrained_kwargs)` (default
+    AutoModelForCausalLM; e.g. dtype=, device_map=) with the adapters of `adapter_dir` loaded (name: just that one).
+    The adapter's tensors are trainable, as after attach."""
+    if not isinstance(base, (str, os.PathLike)):
+        raise ConfigError(f"from_pretrained() takes the base model's hub id or local path, got a "
+                          f"{type(base).__name__}; for a model you already built, use "
+                          f"lora_lite.load(model, {str(Path(adapter_dir) / ADAPTER_FILE)!r})")
+    path = adapter_file(adapter_dir)  # checked before the (possibly large) base is loaded
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
+    model = model_class.from_pretrained(base, **from_pretrained_kwargs)
+    load(model, path, name=name)
+    return model
+
+
+def restore(model: nn.Module, path: str | os.PathLike) -> None:
+    """Give `model` the adapters stored at `path`, exactly: attached by load() if it carries none, else written into
+    the adapters it already carries (same names, configs and layers), which keeps every Parameter object, so an
+    optimizer or a DDP wrapper built on them stays valid. Used for resume_from_checkpoint and load_best_model_at_end."""
+    model = unwrap(model)
+    groups = adapters_by_name(model)
+    if not groups:
+        load(model, path)
+        return
+    entries = read_adapter_file(path)
+    if set(entries) != set(groups):
+        raise CheckpointError(f"{str(path)!r} holds adapters {sorted(entries)} but the model carries {sorted(groups)}; "
+                              "build the model with the same adapters, or with none (the file's are then attached)")
+    plan = []
+    for n, (cfg, targets, tensors) in entries.items():
+        layers = adapter_layers(model, n)
+        if cfg != groups[n][0].cfg or set(targets) != set(layers):
+            raise CheckpointError(f"adapter {n!r} in {str(path)!r} has config {cfg.to_dict()} on {len(targets)} layers, "
+                                  f"the model's has {groups[n][0].cfg.to_dict()} on {len(layers)}; attach the same "
+                                  "config, or build the model without an adapter (the file's is then attached)")
+        for lname, a in layers.items():
+            for t in a.tensor_names:
+                stored, current = tensors[f"{lname}.{t}"], getattr(a, t)
+                if (stored.shape, stored.dtype) != (current.shape, current.dtype):
+                    raise CheckpointError(f"{lname}.{t} is {stored.dtype}{tuple(stored.shape)} in {str(path)!r} but "
+                                          f"{current.dtype}{tuple(current.shape)} on the model; it was saved from "
+                                          "another base model or dtype")
+            plan.append((lname, a, tensors))
+    with torch.no_grad():
+        for lname, a, tensors in plan:
+            was_active = a.active
+            set_activity(a, False)  # a weight-rewriting method puts the original W back first
+            for t in a.tensor_names:
+                getattr(a, t).copy_(tensors[f"{lname}.{t}"])
+            set_activity(a, was_active)  # ... and W_res is rebuilt from the restored tensors

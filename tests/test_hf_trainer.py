@@ -1,0 +1,148 @@
+"""transformers' Trainer with lora_lite.hf.Trainer: adapter-only checkpoints, exact resume onto a fresh base,
+save_model, load_best_model_at_end; and the refusal a plain Trainer now meets.
+
+The model is the real pretrained stories260K Llama; the data is GSM8K questions through its tokenizer."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import transformers
+
+import lora_lite as ll
+import lora_lite.hf as llhf
+from conftest import fresh_model
+from variant_cases import CASES, attach_case, gsm8k_batches
+
+METHODS = sorted(ll.REGISTRY)
+TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+
+
+@functools.cache
+def dataset() -> list[dict[str, torch.Tensor]]:
+    rows = []
+    for b in gsm8k_batches(fresh_model("stories"), n_batches=4, batch_size=4, max_length=24):
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        rows += [{"input_ids": i, "attention_mask": m, "labels": y}
+                 for i, m, y in zip(b["input_ids"], b["attention_mask"], labels, strict=True)]
+    return rows
+
+
+def arguments(out, lr=1e-2, max_steps=4, **kw) -> transformers.TrainingArguments:
+    return transformers.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, save_steps=2, per_device_train_batch_size=4, learning_rate=lr,
+        logging_steps=1, seed=0, report_to=[], use_cpu=True, disable_tqdm=True, **kw)
+
+
+def adapted(name: str, seed: int = 0):
+    model = fresh_model("stories")
+    torch.manual_seed(seed)
+    attach_case(model, name, "stories")
+    return model
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def train(model, out, name, resume=None, trainer_class=llhf.Trainer, **kw):
+    trainer = trainer_class(model=model, args=arguments(out, lr=CASES[name].lr, **kw), train_dataset=dataset())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_resume_on_a_fresh_base_ends_bit_identical(name, tmp_path):
+    whole = adapted(name)
+    reference = train(whole, tmp_path / "whole", name)
+    expected, expected_state = lora_state(whole), whole.state_dict()
+
+    bare = fresh_model("stories")  # no adapter: the checkpoint's is attached
+    resumed = train(bare, tmp_path / "bare", name, resume=str(tmp_path / "whole" / "checkpoint-2"))
+    reattached = adapted(name, seed=1)  # the training script attached a (differently seeded) adapter again
+    train(reattached, tmp_path / "again", name, resume=str(tmp_path / "whole" / "checkpoint-2"))
+
+    for model in (bare, reattached):
+        got = lora_state(model)
+        assert got.keys() == expected.keys()
+        assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
+        state = model.state_dict()  # base weights too: W_res of weight-rewriting methods included
+        assert [k for k in expected_state if not torch.equal(state[k], expected_state[k])] == []
+    assert losses(resumed) == losses(reference)  # steps 1-2 read back from trainer_state.json, 3-4 recomputed
+
+
+@pytest.mark.parametrize("name", ["lora", "pissa"])
+def test_checkpoints_hold_the_adapter_and_trainer_state_only(name, tmp_path):
+    model = adapted(name)
+    train(model, tmp_path, name)
+    checkpoint = tmp_path / "checkpoint-2"
+    sizes = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
+    assert set(sizes) == {llhf.ADAPTER_FILE} | TRAINER_FILES
+    adapter_bytes = ll.save(model, tmp_path / "alone.safetensors").stat().st_size
+    base_bytes = sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if "lora_" not in k)
+    print(f"MEASURED checkpoint {name}: {sizes}, base {base_bytes}")
+    assert sizes[llhf.ADAPTER_FILE] == adapter_bytes
+    moments = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"].values()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(tuple(m["exp_avg"].shape) for m in moments) == sorted(tuple(p.shape) for p in trainable)
+    assert sum(sizes[f] for f in TRAINER_FILES - {"optimizer.pt"}) <= 32_000
+    assert sum(sizes.values()) < base_bytes / 2
+
+
+def test_save_model_writes_the_adapter_that_from_pretrained_rebuilds(tmp_path):
+    model = adapted("lora")
+    trainer = train(model, tmp_path / "run", "lora", max_steps=2)
+    trainer.save_model(str(tmp_path / "final"))
+    assert llhf.ADAPTER_FILE in {p.name for p in (tmp_path / "final").iterdir()}
+    base_dir = tmp_path / "base"
+    fresh_model("stories").save_pretrained(base_dir)
+    rebuilt = llhf.from_pretrained(base_dir, tmp_path / "final")
+    assert all(torch.equal(v, lora_state(rebuilt)[k]) for k, v in lora_state(model).items())
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
+    model = adapted("lora")
+    # "best" = highest eval loss, so the first checkpoint wins and the restored adapter differs from the last
+    trainer = train(model, tmp_path, "lora", eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                    metric_for_best_model="eval_loss", greater_is_better=True, trainer_class=_WithEval)
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = fresh_model("stories")
+    ll.load(best, tmp_path / "checkpoint-2" / llhf.ADAPTER_FILE)
+    last = fresh_model("stories")
+    ll.load(last, tmp_path / "checkpoint-4" / llhf.ADAPTER_FILE)
+    assert all(torch.equal(v, lora_state(best)[k]) for k, v in lora_state(model).items())
+    assert not all(torch.equal(v, lora_state(last)[k]) for k, v in lora_state(model).items())
+
+
+class _WithEval(llhf.Trainer):
+    def __init__(self, **kw):
+        super().__init__(eval_dataset=dataset()[:4], **kw)
+
+
+def test_a_plain_trainer_is_refused_at_its_first_checkpoint(tmp_path):
+    with pytest.raises(ll.AttachStateError, match=r"lora_lite\.hf\.Trainer"):
+        train(adapted("pissa"), tmp_path, "pissa", trainer_class=transformers.Trainer)
+    assert not list(tmp_path.glob("checkpoint-*/model.safetensors"))
+
+
+def test_resume_refuses_a_different_adapter_and_a_whole_model_checkpoint(tmp_path):
+    train(adapted("lora"), tmp_path / "run", "lora", max_steps=2)
+    other = fresh_model("stories")
+    ll.attach(other, ll.LoRAConfig(r=2))
+    with pytest.raises(ll.CheckpointError, match="attach the same config"):
+        train(other, tmp_path / "other", "lora", resume=str(tmp_path / "run" / "checkpoint-2"))
+    whole = tmp_path / "whole" / "checkpoint-2"
+    fresh_model("stories").save_pretrained(whole)
+    with pytest.raises(ll.CheckpointError, match="whole-model weights"):
+        train(fresh_model("stories"), tmp_path / "whole", "lora", resume=str(whole))
+
+
+def test_training_without_an_adapter_is_refused(tmp_path):
+    with pytest.raises(ll.AttachStateError, match="carries no lora-lite adapter"):
+        train(fresh_model("stories"), tmp_path, "lora")
