@@ -36,6 +36,7 @@ def adapted_with_saved_base(name: str, tmp_path):
     base_dir = tmp_path / "base"
     fresh_model("qwen").save_pretrained(base_dir)  # no adapter: transformers' own save, unguarded
     model = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(0)  # the method's random init does not depend on earlier tests
     attach_case(model, name, "qwen")
     perturb(model)
     return model, base_dir
@@ -119,7 +120,6 @@ def test_from_pretrained_says_what_a_directory_holds_instead(tmp_path):
 
 
 def test_import_lora_lite_leaves_transformers_unimported():
-    code = ("import sys, lora_lite; assert 'transformers' not in sys.modules, 'lora_lite imported transformers'; "
-            "import lora_lite.hf; assert 'transformers' in sys.modules")
+    code = "import sys, lora_lite; assert 'transformers' not in sys.modules, 'lora_lite imported transformers'"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

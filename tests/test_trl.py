@@ -68,12 +68,14 @@ def test_sft_trains_the_same_with_and_without_activation_checkpointing(tmp_path)
     for mode, kwargs in MODES.items():
         model = adapted()
         base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-        args = trl.SFTConfig(**common(tmp_path / mode), gradient_checkpointing=kwargs is not None,
-                             gradient_checkpointing_kwargs=kwargs)
+        args = trl.SFTConfig(**{**common(tmp_path / mode), "save_strategy": "steps", "save_steps": 3},
+                             gradient_checkpointing=kwargs is not None, gradient_checkpointing_kwargs=kwargs)
         trainer = SFT(model=model, args=args, train_dataset=sft_data(), processing_class=stories_tokenizer())
         trainer.train()
         assert model.model.layers[0].gradient_checkpointing == (kwargs is not None)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+        saved = {p.name for p in (tmp_path / mode / "checkpoint-3").iterdir()}
+        assert llhf.ADAPTER_FILE in saved and not any(n.startswith("model") for n in saved), saved
         runs[mode] = (losses(trainer), lora_state(model))
         if mode == "off":
             trainer.save_model(str(tmp_path / "final"))

@@ -10,9 +10,8 @@
 Recipes, and what each is tested by: docs/training.md.
 """
 
-from .pretrained import ADAPTER_FILE, from_pretrained, restore, save_pretrained
+from .pretrained import ADAPTER_FILE, from_pretrained, save_pretrained
 from .reference import BaseAsReference
 from .trainer import AdapterCheckpoints, Trainer
 
-__all__ = ["ADAPTER_FILE", "save_pretrained", "from_pretrained", "restore", "AdapterCheckpoints", "Trainer",
-           "BaseAsReference"]
+__all__ = ["ADAPTER_FILE", "save_pretrained", "from_pretrained", "AdapterCheckpoints", "Trainer", "BaseAsReference"]

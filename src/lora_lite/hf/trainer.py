@@ -58,7 +58,9 @@ class AdapterCheckpoints:
             return
         output_dir = Path(output_dir if output_dir is not None else self.args.output_dir)
         save_pretrained(self.model, output_dir)
-        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        tokenizer = self.processing_class  # as Trainer._save: the processing class, else the collator's tokenizer
+        if tokenizer is None:
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_FILE))
