@@ -80,7 +80,8 @@ class _Compute:
 
     def __getattr__(self, attr):
         value = getattr(self._adapter, attr)
-        if attr.startswith("lora_") and isinstance(value, torch.Tensor) and value.is_floating_point():
+        if (attr.startswith("lora_") and isinstance(value, torch.Tensor) and value.is_floating_point()
+                and value.dtype != self._dtype):
             with torch.enable_grad():  # the cast is cached: one made first under no_grad must still carry grads
                 value = value.to(self._dtype)
         setattr(self, attr, value)

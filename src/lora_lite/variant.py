@@ -42,6 +42,9 @@ Facts the rest of the package reads (optional unless noted)
     added_macs(d_in, d_out, cfg) -> int         forward multiply-accumulates per token added to one layer
                                                 (matmuls and elementwise products; per-call work such as DoRA's
                                                 row norm is not per token). `lora-lite cost` needs it
+    call_macs(d_in, d_out, cfg) -> int          MACs one training step (forward and backward) of one layer spends
+                                                once, whatever its token count: DoRA's row norm, HRA's r×r solve.
+                                                Optional (0); the cost report's ideal ratio counts it
     bench = {"r": .., "alpha": number | "r", "lr": {preset: lr}, "targets": (..), "knobs": {..}}
                                                 benchmark defaults (lora_lite.bench.presets.defaults_row)
     peft(cfg, target_names) -> (PeftConfig, label) | None

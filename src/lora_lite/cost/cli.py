@@ -21,9 +21,10 @@ import torch
 
 from ..config import ALL_LINEAR, config_class
 from ..errors import ConfigError
-from .macs import added_macs, linear_macs
+from .macs import added_macs, ideal_step_ratio, linear_macs
 from .measure import (
     QWEN3_0_6B,
+    QWEN3_MOE_SMALL,
     ModelShape,
     Step,
     build_model,
@@ -35,7 +36,8 @@ from .measure import (
     trainable_params,
 )
 
-PRESETS = {"anchor": ModelShape(), "qwen3-0.6b": QWEN3_0_6B}
+PRESETS = {"anchor": ModelShape(), "qwen3-0.6b": QWEN3_0_6B, "qwen3-moe": QWEN3_MOE_SMALL}
+TABLES = ("steps", "attach", "moe")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # pissa defaults to the randomized SVD; the exact one is the other row PEFT has (init_lora_weights="pissa").
 EXTRA_ROWS = ("pissa:svd=full",)
@@ -78,6 +80,11 @@ def _typed(default, value: str, spec: str):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lora-lite cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", choices=TABLES, default="steps",
+                   help="steps: the step-cost table (default); attach: attach/load time and peak RSS against "
+                        "get_peft_model / PeftModel.from_pretrained (default variants lora, pissa); moe: LoRA on the "
+                        "expert parameters of an MoE preset against PEFT's target_parameters")
+    p.add_argument("--attach-rounds", type=int, default=3, help="timed rounds of --table attach (default 3)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="variants to report; 'name:field=value,...' sets config fields "
                         f"(default: every registered variant plus {', '.join(EXTRA_ROWS)})")
@@ -129,7 +136,7 @@ def measure_row(base, cfg, floor: Step, ids, calib, args):
     _, init_ms = timed_ms(lambda: ll.attach(ours_model, cfg, calibration_data=calibration), args.device)
     ours = Step(ours_model, ids)
     row = {"variant": cfg.variant + _knobs(cfg), "init_ms": init_ms, "params": trainable_params(ours_model),
-           "macs": added_macs(ours_model, cfg),
+           "macs": added_macs(ours_model, cfg), "ideal": ideal_step_ratio(base, cfg, args.batch, args.seq),
            "file_mb": file_mb(lambda d: ll.save(ours_model, d / "adapter.safetensors"))}
     fns = {"floor_fwd": floor.forward, "floor_step": floor.train, "fwd": ours.forward, "step": ours.train}
     peft_step = None
@@ -171,23 +178,23 @@ def _fmt(x, spec=".0f") -> str:
 
 def render(rows, floor, header: list[str], compare_peft: bool) -> str:
     cols = ["variant", "trainable", "file MB", "+MACs/tok", "init ms", "fwd ms", "step ms", "step ÷ floor",
-            "peak MB"]
+            "ideal", "÷ ideal", "peak MB"]
     if compare_peft:
         cols += ["PEFT equivalent", "PEFT trainable", "PEFT init ms", "PEFT step ms", "PEFT step ÷ floor",
-                 "PEFT ÷ ours", "PEFT peak MB"]
+                 "PEFT ÷ ideal", "PEFT ÷ ours", "PEFT peak MB"]
     lines = header + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines.append("| *floor (frozen base, input-embedding grad only)* | 0 | – | 0 | – | "
-                 f"{floor['fwd']:.1f} | {floor['step']:.1f} | 1.00 | {_fmt(floor['peak_mb'])} |"
-                 + (" – |" * 7 if compare_peft else ""))
+                 f"{floor['fwd']:.1f} | {floor['step']:.1f} | 1.00 | 1.00 | – | {_fmt(floor['peak_mb'])} |"
+                 + (" – |" * 8 if compare_peft else ""))
     for r in rows:
         cells = [r["variant"], f"{r['params']:,}", f"{r['file_mb']:.2f}", f"{r['macs'] / 1e3:,.0f}K",
                  f"{r['init_ms']:.0f}", f"{r['fwd']:.1f}", f"{r['step']:.1f}", f"**{r['ratio']:.2f}**",
-                 _fmt(r["peak_mb"])]
+                 f"{r['ideal']:.3f}", f"{r['ratio'] / r['ideal']:.2f}", _fmt(r["peak_mb"])]
         if compare_peft:
             has = "peft_step" in r
             cells += [r.get("peft_label", "–"), f"{r['peft_params']:,}" if has else "–",
                       _fmt(r.get("peft_init_ms")), _fmt(r.get("peft_step"), ".1f"),
-                      _fmt(r.get("peft_ratio"), ".2f"),
+                      _fmt(r.get("peft_ratio"), ".2f"), _fmt(r["peft_ratio"] / r["ideal"] if has else None, ".2f"),
                       f"**{r['peft_ratio'] / r['ratio']:.2f}×**" if has else "–", _fmt(r.get("peft_peak_mb"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -204,11 +211,18 @@ def main(argv: list[str] | None = None) -> int:
         f.name: getattr(args, f.name) for f in dataclasses.fields(ModelShape) if getattr(args, f.name) is not None})
     dtype = DTYPES[args.dtype]
     targets = tuple(args.targets)
-    cfgs = [parse_variant(s, args.r, args.alpha, targets) for s in (args.variants or default_variants())]
+    if (args.table == "moe") != bool(shape.experts):
+        parser.error("--table moe needs an MoE shape (--preset qwen3-moe or --experts N), and only it takes one")
+    if args.table == "attach" and args.device != "cpu":
+        parser.error("--table attach measures CPU RSS; run it with --device cpu")
+    variants = args.variants or (["lora", "pissa"] if args.table == "attach" else default_variants())
+    cfgs = [parse_variant(s, args.r, args.alpha, targets) for s in variants]
     mem_problem = None if args.device.startswith("cuda") else cpu_peak_supported()
     args.mem = mem_problem is None
 
     base = build_model(shape, dtype, args.device, args.seed)
+    if args.table != "steps":
+        return _write(args, _other_table(args, shape, base, cfgs))
     batches = random_batches(shape.vocab, 1 + args.calib_batches, args.batch, args.seq, args.device, args.seed)
     ids, calib = batches[0]["input_ids"], batches[1:]
     floor = Step(base, ids)
@@ -228,11 +242,27 @@ def main(argv: list[str] | None = None) -> int:
     report = render(rows, floor_row, header, args.compare_peft)
     if args.svd_size:
         report += "\n\n" + _svd_section(args)
+    return _write(args, report)
+
+
+def _write(args, report: str) -> int:
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report + "\n")
     return 0
+
+
+def _other_table(args, shape, base, cfgs) -> str:
+    """--table attach / moe: sections with their own measurements (attach_bench.py, moe_bench.py)."""
+    if args.table == "attach":
+        from .attach_bench import attach_table
+
+        return attach_table(base, shape, cfgs, args)
+    from .moe_bench import moe_table
+
+    ids = random_batches(shape.vocab, 1, args.batch, args.seq, args.device, args.seed)[0]["input_ids"]
+    return moe_table(base, shape, ids, args)
 
 
 def _warm_up_imports(base, args) -> None:

@@ -3,8 +3,16 @@
 A MAC is one multiply-accumulate, counted per token in the forward pass: a (.., k) @ (k, n) matmul is k·n
 MACs per row, an elementwise multiply is one MAC per element. Each variant states its own count through
 `added_macs(d_in, d_out, cfg)` (see lora_lite.variant), so a new variant brings its formula with it.
-Backward roughly doubles the adapter's share (input and weight gradients); the measured step time is the
-honest total.
+
+The ideal step ratio is what the step would cost if every MAC ran at the same speed and nothing else took time:
+
+    ideal = 1 + (3·ΔF + C / N) / (2·L + 3·T)        per token, summed over layers
+
+ΔF is the adapter's forward MACs per token (`added_macs`), tripled because each one has a forward, an
+input-gradient and a weight-gradient MAC in the step. L is the frozen linears' MACs (lm_head included), doubled
+because the floor's backward computes input gradients only. T is attention's QKᵀ and PV per token, causal (a
+token attends to (seq + 1) / 2 positions on average), tripled for its backward. C is the method's per-call MACs
+for one step (`call_macs`: DoRA's row norm, HRA's r×r solve), shared by the step's N tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +34,12 @@ def layer_added_macs(variant: type, d_in: int, d_out: int, cfg: AdapterConfig) -
     return int(hook(d_in, d_out, cfg))
 
 
+def layer_call_macs(variant: type, d_in: int, d_out: int, cfg: AdapterConfig) -> int:
+    """MACs one training step of one layer spends once, whatever its token count (0 if the method states none)."""
+    hook = getattr(variant, "call_macs", None)
+    return int(hook(d_in, d_out, cfg)) if callable(hook) else 0
+
+
 def added_macs(model: nn.Module, cfg: AdapterConfig) -> int:
     """Forward MACs per token that `cfg` adds over every layer it targets in `model`."""
     variant = variant_of(cfg)
@@ -36,3 +50,23 @@ def added_macs(model: nn.Module, cfg: AdapterConfig) -> int:
 def linear_macs(model: nn.Module) -> int:
     """Forward MACs per token of every nn.Linear in `model` (lm_head included): the dense part of the floor."""
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def call_macs(model: nn.Module, cfg: AdapterConfig) -> int:
+    """Per-call MACs of one training step that `cfg` adds over every layer it targets in `model`."""
+    variant = variant_of(cfg)
+    return sum(layer_call_macs(variant, int(m.in_features), int(m.out_features), cfg)
+               for _, m, _ in find_targets(model, cfg))
+
+
+def attention_macs(model: nn.Module, seq: int) -> float:
+    """Forward MACs per token of QKᵀ and PV over every layer of a causal decoder (transformers config fields)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers * 2 * c.num_attention_heads * head_dim * (seq + 1) / 2
+
+
+def ideal_step_ratio(model: nn.Module, cfg: AdapterConfig, batch: int, seq: int) -> float:
+    """The step ÷ floor ratio the MAC counts alone predict for `cfg` on `model` (formula in the module doc)."""
+    floor = 2 * linear_macs(model) + 3 * attention_macs(model, seq)
+    return 1 + (3 * added_macs(model, cfg) + call_macs(model, cfg) / (batch * seq)) / floor

@@ -83,6 +83,11 @@ class HRA:
         return 2 * cfg.r * d_in + cfg.r * cfg.r  # x Yᵀ, · Tᵀ, · Y  (building Y and T is per call)
 
     @staticmethod
+    def call_macs(d_in, d_out, cfg):
+        # U Uᵀ and the r×r triangular solve for T, with their backward (three times the forward)
+        return 3 * (cfg.r * cfg.r * d_in + cfg.r**3 // 2)
+
+    @staticmethod
     def forward_input(a, x):
         U, Tt = wy_factors(a)
         return x - F.linear(F.linear(x, U) @ Tt, U.T)
