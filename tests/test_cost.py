@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora_lite as ll
-from lora_lite.cost.cli import _typed, parse_variant
 from lora_lite.cost.cli import main as cost_main
+from lora_lite.cost.cli import parse_variant
 from lora_lite.cost.macs import (
     added_macs,
     attention_macs,
@@ -172,9 +172,9 @@ def test_parse_variant_sets_fields_and_rejects_unknown_ones():
         parse_variant("lora:nosuch=1", 4, None, (ll.ALL_LINEAR,))
     with pytest.raises(ll.UnknownVariantError):
         parse_variant("notavariant", 4, None, (ll.ALL_LINEAR,))
-    assert _typed(False, "True", "x:flag=True") is True and _typed(True, "false", "x:flag=false") is False
+    assert parse_variant("antipasto_gain:suppress_only=True", 4, None, (ll.ALL_LINEAR,)).suppress_only is True
     with pytest.raises(ll.ConfigError, match="true or false"):
-        _typed(False, "yes", "x:flag=yes")
+        parse_variant("antipasto_gain:suppress_only=yes", 4, None, (ll.ALL_LINEAR,))
 
 
 @pytest.mark.skipif(cpu_peak_supported() is not None, reason="CPU peak memory needs Linux /proc and glibc")
@@ -263,8 +263,11 @@ def test_moe_table_measures_the_floor_and_peft_target_parameters():
         assert rows["lora-lite LoRAConfig(target_parameters=experts)"]["trainable"] == peft_row["trainable"]
 
 
-def test_cli_refuses_a_moe_table_without_experts_and_a_step_table_with_them():
-    with pytest.raises(SystemExit):
-        cost_main(["--table", "moe"])
-    with pytest.raises(SystemExit):
-        cost_main(["--preset", "qwen3-moe"])
+def test_cli_refuses_a_moe_table_without_experts_a_step_table_with_them_and_attach_off_cpu(capsys):
+    """One-line refusals (exit 2) before any model is built."""
+    assert cost_main(["--table", "moe"]) == 2
+    assert "--table moe needs an MoE shape" in capsys.readouterr().err
+    assert cost_main(["--preset", "qwen3-moe"]) == 2
+    assert "--table moe needs an MoE shape" in capsys.readouterr().err
+    assert cost_main(["--table", "attach", "--device", "cuda:0"]) == 2
+    assert "--table attach measures CPU RSS" in capsys.readouterr().err

@@ -8,7 +8,8 @@ where it is nonzero count. The capture hooks are removed and every module's trai
 `finally`, so a failing batch leaves nothing behind.
 
 Only second moments are kept, never the tokens: per target C = Σ x xᵀ / n, (d_in, d_in) in fp32 on CPU
-(or just its diagonal). That is all the variants need: EVA's top right singular vectors of X are C's top
+(or just its diagonal). Moments that are not finite (NaN/inf inputs, or inputs whose squares overflow fp32)
+are refused with a CalibrationError before any method decomposes them. That is all the variants need: EVA's top right singular vectors of X are C's top
 eigenvectors, CorDA whitens with C, ASVD with diag(C). The product x xᵀ is formed on the activation's device
 and then moved to CPU, and layers that read the same tensor (q/k/v, gate/up) share one product.
 """
@@ -76,7 +77,13 @@ def input_moments(model: nn.Module, layers: list[nn.Module], data: Iterable | No
         if n < min_tokens:
             raise CalibrationError(f"{variant}: layer {names.get(id(layer), '?')!r} saw {n} non-padding calibration "
                                    f"tokens, fewer than r={min_tokens}; pass more or longer calibration batches, or lower r")
-    return [g / n for g, n in zip(grams, counts, strict=True)]
+    moments = [g / n for g, n in zip(grams, counts, strict=True)]
+    for layer, C in zip(layers, moments, strict=True):
+        if not torch.isfinite(C).all():  # an eigh or SVD of it would fail or fill the adapter with NaN
+            raise CalibrationError(f"{variant}: the calibration inputs of layer {names.get(id(layer), '?')!r} hold "
+                                   "NaN/inf, or values too large for fp32 second moments (|x| above ~1e19); check "
+                                   "the calibration batches and the model's activations on them")
+    return moments
 
 
 def _gram(x: torch.Tensor, mask: torch.Tensor | None, name: str, diagonal: bool) -> tuple[torch.Tensor, int]:
