@@ -3,6 +3,8 @@ floor is the same step as an adapter row, and the memory / parameter plumbing is
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -64,6 +66,12 @@ def test_ideal_ratio_of_lora_and_dora_matches_a_hand_count(tiny_qwen):
     assert call_macs(tiny_qwen, dora) == norm == 409600
     assert ideal_step_ratio(tiny_qwen, dora, batch=2, seq=8) == pytest.approx(
         1 + (3 * (8248 + 2048) + norm / 16) / floor, rel=1e-12)
+    # rank_pattern: each layer counted at the r attach gives it (q_proj 64 -> 64 at r = 8 in both blocks)
+    patterned = ll.LoRAConfig(r=4, rank_pattern={r"q_proj$": 8})
+    assert added_macs(tiny_qwen, patterned) == 8248 + 2 * (8 - 4) * (64 + 1 + 64)
+    dora_patterned = ll.DoRAConfig(r=4, rank_pattern={r"q_proj$": 8})
+    q_norm = lambda r: 64 * 64 * (r + 1) + r * r * (64 + 64) + 2 * r * 64  # noqa: E731
+    assert call_macs(tiny_qwen, dora_patterned) == norm + 2 * (q_norm(8) - q_norm(4))
 
 
 class _OneLinear(nn.Module):
@@ -211,7 +219,7 @@ def test_cli_writes_a_table_with_every_requested_row(tmp_path, capsys):
     header = rows[0].split(" | ")
     lora = dict(zip(header, rows[2].split(" | "), strict=True))
     assert lora["ideal"] == f"{ideal_step_ratio(build_model(SHAPE_1L, torch.float32, 'cpu'), ll.LoRAConfig(r=4), 1, 8):.3f}"
-    measured = float(lora["step ÷ floor"].strip("*"))
+    measured = float(lora["step ÷ floor"].strip("*").split()[0])  # "**1.31**", "1.02 (tie)", "0.98 (below ...)"
     assert float(lora["÷ ideal"]) == pytest.approx(measured / float(lora["ideal"]), abs=0.011)
     assert float(lora["PEFT ÷ ideal"]) > 0
 
@@ -242,25 +250,51 @@ def test_attach_sides_load_what_attach_saved_and_every_side_is_measured(tiny_qwe
         attach_load_row(tiny_qwen, ll.LoRAXSConfig(r=4), rounds=1)
 
 
-def test_moe_table_measures_the_floor_and_peft_target_parameters():
+def test_moe_table_measures_the_floor_peft_and_lora_lite_on_the_same_expert_parameters(tmp_path):
     import types
 
-    from lora_lite.cost.moe_bench import lora_lite_experts_config, moe_rows
+    from lora_lite.cost.moe_bench import OURS, PEFT, lora_lite_experts_config, moe_rows, peft_experts_model
 
     shape = ModelShape(hidden=64, layers=1, heads=4, kv_heads=2, head_dim=16, vocab=128, experts=4, moe_intermediate=32)
     model = build_model(shape, torch.float32, "cpu")
     assert "Moe" in type(model).__name__
+    # lora-lite's adapters sit on exactly the two expert parameters, each with a leading expert dim
+    targets = [n for n, _, _ in find_targets(model, lora_lite_experts_config(4, None))]
+    assert targets == ["model.layers.0.mlp.experts.lora_experts.gate_up_proj",
+                       "model.layers.0.mlp.experts.lora_experts.down_proj"]
     args = types.SimpleNamespace(r=4, alpha=None, iters=1, warmup=0, device="cpu", clock="wall", mem_repeats=1,
                                  mem=cpu_peak_supported() is None)
     rows = {r["side"]: r for r in moe_rows(model, _ids(128, 1, 8), args)}
-    peft_row = rows["PEFT LoraConfig(target_parameters=experts)"]
+    assert list(rows) == ["floor", PEFT, OURS]
     # r·(d_in + d_out) per expert and per parameter: gate_up (64 -> 64) and down (32 -> 64), 4 experts
-    assert rows["floor"]["trainable"] == 0 and peft_row["trainable"] == 4 * 4 * ((64 + 64) + (32 + 64))
-    assert rows["floor"]["ratio"] == 1.0 and peft_row["step"] > 0
-    if lora_lite_experts_config(4, None) is None:  # issue 10's expert path is not on this branch
-        assert "target_parameters" in rows["lora-lite LoRA on the experts"]["missing"]
-    else:
-        assert rows["lora-lite LoRAConfig(target_parameters=experts)"]["trainable"] == peft_row["trainable"]
+    assert rows["floor"]["trainable"] == 0
+    assert rows[PEFT]["trainable"] == rows[OURS]["trainable"] == 4 * 4 * ((64 + 64) + (32 + 64))
+    assert rows["floor"]["ratio"] == 1.0 and rows[PEFT]["step"] > 0 and rows[OURS]["step"] > 0
+
+    # the two sides are one adapter: PEFT's side, trained away from zero and imported, lands on our side's layers
+    # with our side's config and tensor shapes, and reproduces PEFT's outputs
+    peft_model = peft_experts_model(model, 4, None)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    imported, ours = copy.deepcopy(model), copy.deepcopy(model)
+    ll.import_peft(imported, tmp_path / "peft")
+    ll.attach(ours, lora_lite_experts_config(4, None))
+    theirs_layers, ours_layers = ll.runtime.adapter_layers(imported), ll.runtime.adapter_layers(ours)
+    assert list(ours_layers) == targets and sorted(theirs_layers) == sorted(targets)
+    for lname, a in ours_layers.items():
+        b = theirs_layers[lname]
+        assert (b.kind, b.cfg.r, b.cfg.scale) == (a.kind, a.cfg.r, a.cfg.scale) == ("experts", 4, a.cfg.alpha / 4)
+        assert [tuple(getattr(b, t).shape) for t in b.tensor_names] == [tuple(getattr(a, t).shape) for t in a.tensor_names]
+    ids = _ids(128, 2, 8)
+    with torch.no_grad():
+        y_peft, y_imported, y_base = (m.eval()(input_ids=ids).logits for m in (peft_model, imported, model))
+    model.train()
+    assert (y_peft - y_base).abs().max() > 1e-3
+    assert ((y_imported - y_peft).abs().max() / y_peft.abs().max()).item() <= 1e-5
 
 
 def test_cli_refuses_a_moe_table_without_experts_a_step_table_with_them_and_attach_off_cpu(capsys):

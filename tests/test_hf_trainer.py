@@ -10,10 +10,13 @@ import functools
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 import lora_lite as ll
 import lora_lite.hf as llhf
 from conftest import fresh_model
+from families import BY_NAME
+from lora_lite.hf.pretrained import restore
 from variant_cases import CASES, attach_case, gsm8k_batches
 
 METHODS = sorted(ll.REGISTRY)
@@ -146,3 +149,86 @@ def test_resume_refuses_a_different_adapter_and_a_whole_model_checkpoint(tmp_pat
 def test_training_without_an_adapter_is_refused(tmp_path):
     with pytest.raises(ll.AttachStateError, match="carries no lora-lite adapter"):
         train(fresh_model("stories"), tmp_path, "lora")
+
+
+# --- modules trained whole and token rows (lora_lite.extras) in Trainer checkpoints ----------------------------
+
+
+def classification_rows(n=16, seq=8, seed=0) -> list[dict[str, torch.Tensor]]:
+    """A learnable toy task for the tiny BERT classifier: label 1 when token 7 occurs."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, 64, (n, seq), generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids[labels == 1, torch.randint(0, seq, (int(labels.sum()),), generator=g)] = 7
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": y} for i, y in zip(ids, labels, strict=True)]
+
+
+def classifier(seed: int = 0):
+    """The tiny BERT classifier (dropout on) with LoRA, its head trained whole and rows 7 and 9 of its embedding."""
+    model = BY_NAME["bert_seq_cls"].build().train()
+    torch.manual_seed(seed)
+    ll.attach(model, ll.LoRAConfig(r=4, alpha=8, modules_to_save=(r"^classifier$",), trainable_token_indices=(7, 9)))
+    return model
+
+
+def train_classifier(model, out, resume=None, max_steps=4):
+    trainer = llhf.Trainer(model=model, args=arguments(out, lr=5e-3, max_steps=max_steps),
+                           train_dataset=classification_rows())
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_resume_restores_the_head_trained_whole_and_the_token_rows_exactly(tmp_path):
+    base = BY_NAME["bert_seq_cls"].build()
+    whole = classifier()
+    reference = train_classifier(whole, tmp_path / "whole")
+    rows = whole.bert.embeddings.word_embeddings.lora_tokens["default"].rows
+    assert not torch.equal(whole.classifier.weight, base.classifier.weight)
+    assert not torch.equal(rows, base.bert.embeddings.word_embeddings.weight[[7, 9]])
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    with safe_open(str(checkpoint / llhf.ADAPTER_FILE), "pt") as f:
+        assert {"classifier.lora_saved.default.weight", "classifier.lora_saved.default.bias",
+                "bert.embeddings.word_embeddings.lora_tokens.default.rows"} <= set(f.keys())
+    moments = torch.load(checkpoint / "optimizer.pt", weights_only=True)["state"].values()
+    trainable = [p for p in whole.parameters() if p.requires_grad]
+    assert sorted(tuple(m["exp_avg"].shape) for m in moments) == sorted(tuple(p.shape) for p in trainable)
+    expected = whole.state_dict()
+
+    bare = BY_NAME["bert_seq_cls"].build()  # no adapter: the checkpoint's (head and rows included) is attached
+    resumed = train_classifier(bare, tmp_path / "bare", resume=str(checkpoint))
+    reattached = classifier(seed=1)  # attached again by the script: head and rows are overwritten in place
+    params_before = [id(p) for p in reattached.parameters()]
+    train_classifier(reattached, tmp_path / "again", resume=str(checkpoint))
+    assert [id(p) for p in reattached.parameters()] == params_before
+    for model in (bare, reattached):
+        state = model.state_dict()  # the classifier's own weights, the rows, the LoRA tensors, the frozen base
+        assert state.keys() == expected.keys()
+        assert [k for k in expected if not torch.equal(state[k], expected[k])] == []
+    assert losses(resumed) == losses(reference)
+
+    # restored while switched off: the trained head goes to the stash, the original head stays in place until on
+    off = classifier(seed=2)
+    with ll.disabled(off):
+        restore(off, tmp_path / "whole" / "checkpoint-4" / llhf.ADAPTER_FILE)
+        assert torch.equal(off.classifier.weight, base.classifier.weight)
+    assert [k for k in expected if not torch.equal(off.state_dict()[k], expected[k])] == []
+
+
+def test_save_model_of_a_classifier_rebuilds_through_from_pretrained(tmp_path):
+    model = classifier()
+    trainer = train_classifier(model, tmp_path / "run", max_steps=2)
+    trainer.save_model(str(tmp_path / "final"))
+    base_dir = tmp_path / "base"
+    BY_NAME["bert_seq_cls"].build().save_pretrained(base_dir)
+    rebuilt = llhf.from_pretrained(base_dir, tmp_path / "final", model_class=transformers.BertForSequenceClassification)
+    batch = {k: torch.stack([r[k] for r in classification_rows()[:4]]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(**batch).logits, model.eval()(**batch).logits)
+
+
+def test_resume_refuses_a_model_whose_head_is_not_trained_whole(tmp_path):
+    train_classifier(classifier(), tmp_path / "run", max_steps=2)
+    other = BY_NAME["bert_seq_cls"].build()
+    ll.attach(other, ll.LoRAConfig(r=4, alpha=8, trainable_token_indices=(7, 9)))
+    with pytest.raises(ll.CheckpointError, match="attach the same config"):
+        train_classifier(other, tmp_path / "other", resume=str(tmp_path / "run" / "checkpoint-2"))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import AdapterConfig, for_layer, pattern_values
 from ..errors import ConfigError
 from ..layer_kinds import KINDS, kind_of
 from ..runtime import variant_of
@@ -41,11 +41,19 @@ def layer_call_macs(variant: type, d_in: int, d_out: int, cfg: AdapterConfig) ->
     return int(hook(d_in, d_out, cfg)) if callable(hook) else 0
 
 
+def target_layers(model: nn.Module, cfg: AdapterConfig) -> list[tuple[nn.Module, int, int, AdapterConfig]]:
+    """(layer, d_in, d_out, the layer's config) for every layer `cfg` targets: d_in, d_out as the method sees the
+    layer (lora_lite.layer_kinds; an expert parameter's are one expert's), r and alpha from rank_pattern /
+    alpha_pattern as attach gives them."""
+    return [(m, *KINDS[kind_of(m)].dims(m), for_layer(cfg, pattern_values(cfg, name)))
+            for name, m, _ in find_targets(model, cfg)]
+
+
 def added_macs(model: nn.Module, cfg: AdapterConfig) -> int:
-    """Forward MACs per token that `cfg` adds over every layer it targets in `model`."""
+    """Forward MACs per token that `cfg` adds over every layer it targets in `model` (an expert parameter counts
+    one expert's)."""
     variant = variant_of(cfg)
-    # d_in, d_out as the method sees the layer (lora_lite.layer_kinds); an expert parameter counts one expert
-    return sum(layer_added_macs(variant, *KINDS[kind_of(m)].dims(m), cfg) for _, m, _ in find_targets(model, cfg))
+    return sum(layer_added_macs(variant, d_in, d_out, c) for _, d_in, d_out, c in target_layers(model, cfg))
 
 
 def linear_macs(model: nn.Module) -> int:
@@ -54,10 +62,11 @@ def linear_macs(model: nn.Module) -> int:
 
 
 def call_macs(model: nn.Module, cfg: AdapterConfig) -> int:
-    """Per-call MACs of one training step that `cfg` adds over every layer it targets in `model`."""
+    """Per-call MACs of one training step that `cfg` adds over every layer it targets in `model` (every expert of
+    an expert parameter: each has its own adapter tensors)."""
     variant = variant_of(cfg)
-    return sum(layer_call_macs(variant, int(m.in_features), int(m.out_features), cfg)
-               for _, m, _ in find_targets(model, cfg))
+    return sum(getattr(m, "num_experts", 1) * layer_call_macs(variant, d_in, d_out, c)
+               for m, d_in, d_out, c in target_layers(model, cfg))
 
 
 def attention_macs(model: nn.Module, seq: int) -> float:

@@ -3,32 +3,33 @@ expert path, timed in the same interleaved rounds as the step table.
 
 transformers 5 stores a block's experts as two 3-D parameters, `mlp.experts.gate_up_proj` (E, 2·I, H) and
 `mlp.experts.down_proj` (E, H, I), so no nn.Linear exists to hook. PEFT's `target_parameters` wraps them and
-adds the per-expert ΔW = s·B_e A_e to the weight on every forward. lora-lite's expert path is issue 10's
-`target_parameters` field (branch layer-kinds); where this checkout's configs lack it, the lora-lite row says so
-and carries no numbers.
+adds the per-expert ΔW = s·B_e A_e to the weight on every forward. lora-lite's `target_parameters` puts an
+adapter with a leading expert dim on each parameter (lora_lite.experts) and runs x A_eᵀ B_eᵀ per expert beside
+the frozen x W_eᵀ, never forming W + ΔW. Both sides get the same r and alpha on exactly these parameters.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 from torch import nn
 
 from .measure import Step, interleaved_medians, peak_step_mb
 
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-NO_EXPERT_PATH = "not measured: this checkout's LoRAConfig has no target_parameters (issue 10, branch layer-kinds)"
+OURS, PEFT = "lora-lite LoRAConfig(target_parameters=experts)", "PEFT LoraConfig(target_parameters=experts)"
 
 
 def lora_lite_experts_config(r: int, alpha: float | None):
-    """lora-lite's LoRA on exactly the expert parameters (issue 10's entry point), or None where it is absent."""
+    """lora-lite's LoRA on exactly the expert parameters: target_names matches no linear layer (the experts
+    modules hold no nn.Linear), target_parameters names the 3-D parameters as PEFT's target_parameters does."""
+    import re
+
     import lora_lite as ll
 
-    if "target_parameters" not in {f.name for f in dataclasses.fields(ll.LoRAConfig)}:
-        return None
     kwargs = {} if alpha is None else {"alpha": alpha}
-    return ll.LoRAConfig(r=r, target_names=(r"\.mlp\.experts$",), target_parameters=EXPERT_PARAMETERS, **kwargs)
+    return ll.LoRAConfig(r=r, target_names=(r"\.mlp\.experts$",),
+                         target_parameters=tuple(re.escape(p) + "$" for p in EXPERT_PARAMETERS), **kwargs)
 
 
 def peft_experts_model(base: nn.Module, r: int, alpha: float | None):
@@ -43,34 +44,25 @@ def peft_experts_model(base: nn.Module, r: int, alpha: float | None):
 
 
 def moe_rows(base: nn.Module, ids, args) -> list[dict]:
-    """The floor, PEFT's target_parameters LoRA and (when present) lora-lite's expert LoRA, interleaved."""
+    """The floor, PEFT's target_parameters LoRA and lora-lite's expert LoRA, timed interleaved."""
     import lora_lite as ll
 
     from .measure import trainable_params
 
-    steps = {"floor": Step(base, ids), "PEFT LoraConfig(target_parameters=experts)": Step(
-        peft_experts_model(base, args.r, args.alpha), ids)}
-    cfg = lora_lite_experts_config(args.r, args.alpha)
-    if cfg is not None:
-        ours = copy.deepcopy(base)
-        ll.attach(ours, cfg)
-        steps["lora-lite LoRAConfig(target_parameters=experts)"] = Step(ours, ids)
+    ours = copy.deepcopy(base)
+    ll.attach(ours, lora_lite_experts_config(args.r, args.alpha))
+    steps = {"floor": Step(base, ids), PEFT: Step(peft_experts_model(base, args.r, args.alpha), ids),
+             OURS: Step(ours, ids)}
     med = interleaved_medians({k: s.train for k, s in steps.items()}, args.iters, args.warmup, args.device,
                               args.clock)
-    rows = [{"side": k, "trainable": trainable_params(s.model), "step": med[k], "ratio": med[k] / med["floor"],
+    return [{"side": k, "trainable": trainable_params(s.model), "step": med[k], "ratio": med[k] / med["floor"],
              "peak_mb": peak_step_mb(s, args.device, args.mem_repeats) if args.mem else None}
             for k, s in steps.items()]
-    if cfg is None:
-        rows.append({"side": "lora-lite LoRA on the experts", "missing": NO_EXPERT_PATH})
-    return rows
 
 
 def render_moe(rows: list[dict], header: list[str]) -> str:
     lines = header + ["", "| side | trainable | step ms | step ÷ floor | peak MB |", "|---|---|---|---|---|"]
     for r in rows:
-        if "missing" in r:
-            lines.append(f"| {r['side']} | {r['missing']} | – | – | – |")
-            continue
         peak = "–" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         lines.append(f"| {r['side']} | {r['trainable']:,} | {r['step']:.1f} | **{r['ratio']:.2f}** | {peak} |")
     return "\n".join(lines)

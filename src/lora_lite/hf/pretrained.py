@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import extras
 from ..distributed import unwrap
 from ..errors import CheckpointError, ConfigError
-from ..io import load, read_adapter_file, save
+from ..io import layer_values, load, read_adapter_file, save
 from ..runtime import adapter_layers, adapters_by_name, set_activity
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -74,8 +75,9 @@ def from_pretrained(base: str | os.PathLike, adapter_dir: str | os.PathLike, *, 
 
 def restore(model: nn.Module, path: str | os.PathLike) -> None:
     """Give `model` the adapters stored at `path`, exactly: attached by load() if it carries none, else written into
-    the adapters it already carries (same names, configs and layers), which keeps every Parameter object, so an
-    optimizer or a DDP wrapper built on them stays valid. Used for resume_from_checkpoint and load_best_model_at_end."""
+    the adapters it already carries (same names, configs, layers, per-layer r / alpha, modules trained whole and
+    token rows), which keeps every Parameter object, so an optimizer or a DDP wrapper built on them stays valid.
+    Used for resume_from_checkpoint and load_best_model_at_end."""
     model = unwrap(model)
     groups = adapters_by_name(model)
     if not groups:
@@ -86,24 +88,45 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{str(path)!r} holds adapters {sorted(entries)} but the model carries {sorted(groups)}; "
                               "build the model with the same adapters, or with none (the file's are then attached)")
     plan = []
-    for n, (cfg, targets, tensors) in entries.items():
+    for n, (cfg, targets, tensors, info) in entries.items():
         layers = adapter_layers(model, n)
-        if cfg != groups[n][0].cfg or set(targets) != set(layers):
+        attached = groups[n][0].attached_cfg
+        if cfg != attached or set(targets) != set(layers):
             raise CheckpointError(f"adapter {n!r} in {str(path)!r} has config {cfg.to_dict()} on {len(targets)} layers, "
-                                  f"the model's has {groups[n][0].cfg.to_dict()} on {len(layers)}; attach the same "
+                                  f"the model's has {attached.to_dict()} on {len(layers)}; attach the same "
                                   "config, or build the model without an adapter (the file's is then attached)")
-        for lname, a in layers.items():
-            for t in a.tensor_names:
-                stored, current = tensors[f"{lname}.{t}"], getattr(a, t)
-                if (stored.shape, stored.dtype) != (current.shape, current.dtype):
-                    raise CheckpointError(f"{lname}.{t} is {stored.dtype}{tuple(stored.shape)} in {str(path)!r} but "
-                                          f"{current.dtype}{tuple(current.shape)} on the model; it was saved from "
-                                          "another base model or dtype")
-            plan.append((lname, a, tensors))
+        _check_same_layout(model, n, layers, info, path)
+        specs = {f"{lname}.{t}": (getattr(a, t).dtype, tuple(getattr(a, t).shape))
+                 for lname, a in layers.items() for t in a.tensor_names} | extras.value_specs(model, n)
+        if set(specs) != set(tensors):
+            raise CheckpointError(f"adapter {n!r} in {str(path)!r} holds tensors {sorted(set(tensors) - set(specs))[:4]} "
+                                  f"the model's lacks and lacks {sorted(set(specs) - set(tensors))[:4]}; attach the "
+                                  "same config, or build the model without an adapter (the file's is then attached)")
+        for key, (dtype, shape) in specs.items():
+            stored = tensors[key]
+            if (stored.dtype, tuple(stored.shape)) != (dtype, shape):
+                raise CheckpointError(f"{key} is {stored.dtype}{tuple(stored.shape)} in {str(path)!r} but "
+                                      f"{dtype}{shape} on the model; it was saved from another base model or dtype")
+        plan.append((n, layers, tensors))
     with torch.no_grad():
-        for lname, a, tensors in plan:
-            was_active = a.active
-            set_activity(a, False)  # a weight-rewriting method puts the original W back first
-            for t in a.tensor_names:
-                getattr(a, t).copy_(tensors[f"{lname}.{t}"])
-            set_activity(a, was_active)  # ... and W_res is rebuilt from the restored tensors
+        for n, layers, tensors in plan:
+            for lname, a in layers.items():
+                was_active = a.active
+                set_activity(a, False)  # a weight-rewriting method puts the original W back first
+                for t in a.tensor_names:
+                    getattr(a, t).copy_(tensors[f"{lname}.{t}"])
+                set_activity(a, was_active)  # ... and W_res is rebuilt from the restored tensors
+            extras.write_values(model, n, tensors)  # modules_to_save and token rows, in place
+
+
+def _check_same_layout(model: nn.Module, name: str, layers: dict, info: dict, path) -> None:
+    """The file's per-layer r / alpha (rank_pattern, alpha_pattern), modules trained whole and token rows are the
+    model's: a config with the same patterns could still resolve them to other layers on another model."""
+    mine = {"layers": {lname: v for lname, a in layers.items() if (v := layer_values(a))}}
+    mine |= extras.describe(model, name).metadata()
+    theirs = {k: info[k] for k in ("layers", "modules_to_save", "token_rows") if k in info}
+    mine = {k: v for k, v in mine.items() if v}
+    if mine != theirs:
+        raise CheckpointError(f"adapter {name!r} in {str(path)!r} records {theirs or 'no per-layer values or extras'}, "
+                              f"the model's has {mine or 'none'}; attach the same config to the same base model, or "
+                              "build the model without an adapter (the file's is then attached)")
