@@ -146,6 +146,18 @@ def test_resume_refuses_a_different_adapter_and_a_whole_model_checkpoint(tmp_pat
         train(fresh_model("stories"), tmp_path / "whole", "lora", resume=str(whole))
 
 
+def test_resume_refuses_an_adapter_whose_data_came_from_another_base(tmp_path):
+    """PiSSA's factors are the base's singular vectors: written into an adapter attached to other weights, they would
+    train silently wrong. The base fingerprints saved with the checkpoint refuse it, as load does."""
+    train(adapted("pissa"), tmp_path / "run", "pissa", max_steps=2)
+    other = fresh_model("stories")
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+    attach_case(other, "pissa", "stories")
+    with pytest.raises(ll.CheckpointError, match="saved from another base model"):
+        train(other, tmp_path / "other", "pissa", resume=str(tmp_path / "run" / "checkpoint-2"))
+
+
 def test_training_without_an_adapter_is_refused(tmp_path):
     with pytest.raises(ll.AttachStateError, match="carries no lora-lite adapter"):
         train(fresh_model("stories"), tmp_path, "lora")

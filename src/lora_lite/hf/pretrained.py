@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import extras
+from .. import extras, validate
 from ..distributed import unwrap
 from ..errors import CheckpointError, ConfigError
 from ..io import layer_values, load, read_adapter_file, save
-from ..runtime import adapter_layers, adapters_by_name, set_activity
+from ..runtime import adapter_layers, adapters_by_name, set_activity, variant_of
 
 ADAPTER_FILE = "adapter.safetensors"
 
@@ -96,6 +96,8 @@ def restore(model: nn.Module, path: str | os.PathLike) -> None:
                                   f"the model's has {attached.to_dict()} on {len(layers)}; attach the same "
                                   "config, or build the model without an adapter (the file's is then attached)")
         _check_same_layout(model, n, layers, info, path)
+        validate.check_fingerprints(variant_of(cfg), n, [(lname, a.base, None) for lname, a in layers.items()],
+                                    info.get("base_fingerprint"), path)  # as load: data derived from another base
         specs = {f"{lname}.{t}": (getattr(a, t).dtype, tuple(getattr(a, t).shape))
                  for lname, a in layers.items() for t in a.tensor_names} | extras.value_specs(model, n)
         if set(specs) != set(tensors):
