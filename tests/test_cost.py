@@ -3,6 +3,8 @@ floor is the same step as an adapter row, and the memory / parameter plumbing is
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 import lora_lite as ll
 from lora_lite.cost.cli import main as cost_main
 from lora_lite.cost.cli import parse_variant
-from lora_lite.cost.macs import added_macs, layer_added_macs, linear_macs
+from lora_lite.cost.macs import (
+    added_macs,
+    attention_macs,
+    call_macs,
+    ideal_step_ratio,
+    layer_added_macs,
+    linear_macs,
+)
 from lora_lite.cost.measure import (
     ModelShape,
     Step,
@@ -37,6 +46,32 @@ def test_lora_and_hra_macs_match_a_hand_count(tiny_qwen):
     assert added_macs(tiny_qwen, ll.LoRAConfig(r=r)) == lora_hand == 8248
     assert added_macs(tiny_qwen, ll.HRAConfig(r=r)) == hra_hand == 2 * 6 * (2 * 4 * 64) + 2 * (2 * 4 * 128) + 14 * 16
     assert linear_macs(tiny_qwen) == 2 * sum(i * o for i, o in TINY_LINEARS) + 64 * 128  # + lm_head
+
+
+def test_ideal_ratio_of_lora_and_dora_matches_a_hand_count(tiny_qwen):
+    """ideal = 1 + (3·ΔF + C/N) / (2·L + 3·T) on tiny_qwen, batch 2 × seq 8 (N = 16 tokens), r = 4."""
+    L = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 64 * 128 + 64 * 128 + 128 * 64) + 64 * 128  # + lm_head
+    T = 2 * (2 * 4 * 16 * (8 + 1) / 2)  # 2 layers × (QKᵀ + PV) × 4 heads × 16 dims × 4.5 causal keys on average
+    assert (linear_macs(tiny_qwen), attention_macs(tiny_qwen, seq=8)) == (L, T) == (81920, 1152)
+    floor = 2 * L + 3 * T
+    lora = ll.LoRAConfig(r=4)
+    assert call_macs(tiny_qwen, lora) == 0
+    assert ideal_step_ratio(tiny_qwen, lora, batch=2, seq=8) == pytest.approx(1 + 3 * 8248 / floor, rel=1e-12)
+    # DoRA: LoRA's 8248 plus (m/n − 1)·Wx and (m/n)·LoRA, 2·d_out per layer (Σ d_out = 512 per block)
+    dora = ll.DoRAConfig(r=4)
+    assert added_macs(tiny_qwen, dora) == 8248 + 2 * 2 * 512
+    # its detached row norm, once per call: ‖W_i‖² and W Aᵀ (d_in·d_out·(r+1)), A Aᵀ and B(A Aᵀ) (r²·(d_in+d_out)),
+    # the two row sums with B (2·r·d_out); per block Σ d_in·d_out = 36864, Σ (d_in+d_out) = 1024, Σ d_out = 512
+    norm = 2 * (36864 * 5 + 16 * 1024 + 2 * 4 * 512)
+    assert call_macs(tiny_qwen, dora) == norm == 409600
+    assert ideal_step_ratio(tiny_qwen, dora, batch=2, seq=8) == pytest.approx(
+        1 + (3 * (8248 + 2048) + norm / 16) / floor, rel=1e-12)
+    # rank_pattern: each layer counted at the r attach gives it (q_proj 64 -> 64 at r = 8 in both blocks)
+    patterned = ll.LoRAConfig(r=4, rank_pattern={r"q_proj$": 8})
+    assert added_macs(tiny_qwen, patterned) == 8248 + 2 * (8 - 4) * (64 + 1 + 64)
+    dora_patterned = ll.DoRAConfig(r=4, rank_pattern={r"q_proj$": 8})
+    q_norm = lambda r: 64 * 64 * (r + 1) + r * r * (64 + 64) + 2 * r * 64  # noqa: E731
+    assert call_macs(tiny_qwen, dora_patterned) == norm + 2 * (q_norm(8) - q_norm(4))
 
 
 class _OneLinear(nn.Module):
@@ -162,6 +197,9 @@ def test_peak_memory_tracks_the_step_and_leaves_no_grads():
     assert all(p.grad is None for p in model.parameters())
 
 
+SHAPE_1L = ModelShape(hidden=64, layers=1, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=128)
+
+
 def test_cli_writes_a_table_with_every_requested_row(tmp_path, capsys):
     out = tmp_path / "cost.md"
     threads = torch.get_num_threads()
@@ -178,3 +216,92 @@ def test_cli_writes_a_table_with_every_requested_row(tmp_path, capsys):
                                                       "| hra", "| pissa"]  # lowrank is pissa's default
     assert "pissa_niter_4" in text and "HRAConfig" in text and "lowrank (niter=4)" in text
     assert all(len(r.split(" | ")) == len(rows[0].split(" | ")) for r in rows)
+    header = rows[0].split(" | ")
+    lora = dict(zip(header, rows[2].split(" | "), strict=True))
+    assert lora["ideal"] == f"{ideal_step_ratio(build_model(SHAPE_1L, torch.float32, 'cpu'), ll.LoRAConfig(r=4), 1, 8):.3f}"
+    measured = float(lora["step ÷ floor"].strip("*").split()[0])  # "**1.31**", "1.02 (tie)", "0.98 (below ...)"
+    assert float(lora["÷ ideal"]) == pytest.approx(measured / float(lora["ideal"]), abs=0.011)
+    assert float(lora["PEFT ÷ ideal"]) > 0
+
+
+def test_attach_sides_load_what_attach_saved_and_every_side_is_measured(tiny_qwen, tmp_path):
+    import copy
+
+    from lora_lite.cost.attach_bench import SIDES, _sides, attach_load_row, render_attach
+
+    cfg = ll.LoRAConfig(r=4)
+    names = [n for n, _, _ in find_targets(tiny_qwen, cfg)]
+    sides = _sides(cfg, names, tmp_path)
+    attached, loaded = copy.deepcopy(tiny_qwen), copy.deepcopy(tiny_qwen)
+    sides["attach"](attached)  # the first attach writes the file the load side reads
+    sides["peft_attach"](copy.deepcopy(tiny_qwen))
+    sides["load"](loaded)
+    ours = {n: t for n, t in attached.state_dict().items() if "lora_" in n}
+    assert ours and all(torch.equal(t, loaded.state_dict()[n]) for n, t in ours.items())
+    peft_loaded = sides["peft_load"](copy.deepcopy(tiny_qwen))
+    assert trainable_params(peft_loaded) == trainable_params(loaded) == trainable_params(attached) > 0
+
+    row = attach_load_row(tiny_qwen, cfg, rounds=1)
+    assert row["layers"] == 14 and row["label"] == "LoraConfig"
+    assert all(row[s] > 0 and row[f"{s}_mb"] >= 0 for s in SIDES)
+    table = render_attach([row], ["header"]).splitlines()
+    assert len(table[-1].split(" | ")) == len(table[2].split(" | ")) == 13
+    with pytest.raises(ll.ConfigError, match="no PEFT equivalent"):
+        attach_load_row(tiny_qwen, ll.LoRAXSConfig(r=4), rounds=1)
+
+
+def test_moe_table_measures_the_floor_peft_and_lora_lite_on_the_same_expert_parameters(tmp_path):
+    import types
+
+    from lora_lite.cost.moe_bench import OURS, PEFT, lora_lite_experts_config, moe_rows, peft_experts_model
+
+    shape = ModelShape(hidden=64, layers=1, heads=4, kv_heads=2, head_dim=16, vocab=128, experts=4, moe_intermediate=32)
+    model = build_model(shape, torch.float32, "cpu")
+    assert "Moe" in type(model).__name__
+    # lora-lite's adapters sit on exactly the two expert parameters, each with a leading expert dim
+    targets = [n for n, _, _ in find_targets(model, lora_lite_experts_config(4, None))]
+    assert targets == ["model.layers.0.mlp.experts.lora_experts.gate_up_proj",
+                       "model.layers.0.mlp.experts.lora_experts.down_proj"]
+    args = types.SimpleNamespace(r=4, alpha=None, iters=1, warmup=0, device="cpu", clock="wall", mem_repeats=1,
+                                 mem=cpu_peak_supported() is None)
+    rows = {r["side"]: r for r in moe_rows(model, _ids(128, 1, 8), args)}
+    assert list(rows) == ["floor", PEFT, OURS]
+    # r·(d_in + d_out) per expert and per parameter: gate_up (64 -> 64) and down (32 -> 64), 4 experts
+    assert rows["floor"]["trainable"] == 0
+    assert rows[PEFT]["trainable"] == rows[OURS]["trainable"] == 4 * 4 * ((64 + 64) + (32 + 64))
+    assert rows["floor"]["ratio"] == 1.0 and rows[PEFT]["step"] > 0 and rows[OURS]["step"] > 0
+
+    # the two sides are one adapter: PEFT's side, trained away from zero and imported, lands on our side's layers
+    # with our side's config and tensor shapes, and reproduces PEFT's outputs
+    peft_model = peft_experts_model(model, 4, None)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    imported, ours = copy.deepcopy(model), copy.deepcopy(model)
+    ll.import_peft(imported, tmp_path / "peft")
+    ll.attach(ours, lora_lite_experts_config(4, None))
+    theirs_layers, ours_layers = ll.runtime.adapter_layers(imported), ll.runtime.adapter_layers(ours)
+    assert list(ours_layers) == targets and sorted(theirs_layers) == sorted(targets)
+    for lname, a in ours_layers.items():
+        b = theirs_layers[lname]
+        assert (b.kind, b.cfg.r, b.cfg.scale) == (a.kind, a.cfg.r, a.cfg.scale) == ("experts", 4, a.cfg.alpha / 4)
+        assert [tuple(getattr(b, t).shape) for t in b.tensor_names] == [tuple(getattr(a, t).shape) for t in a.tensor_names]
+    ids = _ids(128, 2, 8)
+    with torch.no_grad():
+        y_peft, y_imported, y_base = (m.eval()(input_ids=ids).logits for m in (peft_model, imported, model))
+    model.train()
+    assert (y_peft - y_base).abs().max() > 1e-3
+    assert ((y_imported - y_peft).abs().max() / y_peft.abs().max()).item() <= 1e-5
+
+
+def test_cli_refuses_a_moe_table_without_experts_a_step_table_with_them_and_attach_off_cpu(capsys):
+    """One-line refusals (exit 2) before any model is built."""
+    assert cost_main(["--table", "moe"]) == 2
+    assert "--table moe needs an MoE shape" in capsys.readouterr().err
+    assert cost_main(["--preset", "qwen3-moe"]) == 2
+    assert "--table moe needs an MoE shape" in capsys.readouterr().err
+    assert cost_main(["--table", "attach", "--device", "cuda:0"]) == 2
+    assert "--table attach measures CPU RSS" in capsys.readouterr().err

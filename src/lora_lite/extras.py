@@ -397,21 +397,60 @@ def restore(state: list) -> None:
             p.requires_grad_(flag)
 
 
-def entry(model: nn.Module, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, CPU tensors keyed as in expected_tensors) of adapter `name`'s extras, for save."""
+def describe(model: nn.Module, name: str) -> ExtrasPlan:
+    """The plan of what adapter `name` trains besides its layers on `model` now (what attach or load installed)."""
     names = {id(m): n for n, m in model.named_modules()}
     holders = [e for e in iter_extras(model) if e.name == name]
     saved = [e for e in holders if isinstance(e, SavedModule)]
     rows = [e for e in holders if isinstance(e, TokenRows) and not e.tied]
     tied = [e for e in holders if isinstance(e, TokenRows) and e.tied]
-    p = ExtrasPlan([(names[id(s.base)], s.base) for s in saved],
-                   (names[id(rows[0].base)], rows[0].base) if rows else None,
-                   (names[id(tied[0].base)], tied[0].base) if tied else None,
-                   tuple(rows[0].ids.tolist()) if rows else ())
-    tensors = {f"{names[id(s.base)]}.{SAVED}.{n}": t.contiguous() for s in saved for n, t in s.trained_values().items()}
-    for r in rows:
-        tensors[f"{names[id(r.base)]}.{TOKENS}.rows"] = r.rows.detach().to("cpu").contiguous()
-    return p.metadata(), tensors
+    return ExtrasPlan([(names[id(s.base)], s.base) for s in saved],
+                      (names[id(rows[0].base)], rows[0].base) if rows else None,
+                      (names[id(tied[0].base)], tied[0].base) if tied else None,
+                      tuple(rows[0].ids.tolist()) if rows else ())
+
+
+def entry(model: nn.Module, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, CPU tensors keyed as in expected_tensors) of adapter `name`'s extras, for save."""
+    names = {id(m): n for n, m in model.named_modules()}
+    holders = [e for e in iter_extras(model) if e.name == name]
+    tensors = {f"{names[id(s.base)]}.{SAVED}.{n}": t.contiguous()
+               for s in holders if isinstance(s, SavedModule) for n, t in s.trained_values().items()}
+    for r in holders:
+        if isinstance(r, TokenRows) and not r.tied:
+            tensors[f"{names[id(r.base)]}.{TOKENS}.rows"] = r.rows.detach().to("cpu").contiguous()
+    return describe(model, name).metadata(), tensors
+
+
+def value_specs(model: nn.Module, name: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{key as in expected_tensors: (dtype, shape)} of the values adapter `name`'s extras hold on `model`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for e in [e for e in iter_extras(model) if e.name == name]:
+        lname = names[id(e.base)]
+        if isinstance(e, SavedModule):
+            out.update({f"{lname}.{SAVED}.{n}": (p.dtype, tuple(p.shape)) for n, p in own_parameters(e.base).items()})
+        elif not e.tied:
+            out[f"{lname}.{TOKENS}.rows"] = (e.rows.dtype, tuple(e.rows.shape))
+    return out
+
+
+@torch.no_grad()
+def write_values(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write `tensors` (keyed as in expected_tensors, checked against describe(model, name)) into adapter `name`'s
+    extras in place, keeping every Parameter object: a module trained whole gets them as its trained values
+    (stashed, as switching off would, while the adapter is off), token rows get them as their rows."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for e in [e for e in iter_extras(model) if e.name == name]:
+        lname = names[id(e.base)]
+        if isinstance(e, SavedModule):
+            was_active = e.active
+            set_activity(e, True)  # the trained values are in the parameters now
+            for n, param in own_parameters(e.base).items():
+                param.copy_(tensors[f"{lname}.{SAVED}.{n}"])
+            set_activity(e, was_active)
+        elif not e.tied:  # a tied head reads its embedding's rows
+            e.rows.copy_(tensors[f"{lname}.{TOKENS}.rows"])
 
 
 def merge_tokens(rows: TokenRows) -> None:

@@ -51,9 +51,10 @@ from .errors import (
     UnsupportedLayerError,
 )
 from .layer_kinds import KINDS, kind_of
+from .save_guard import guard, unguard
 from .target import plan_targets
 from .transaction import ModelSnapshot
-from .variant import REGISTRY, hook_only_methods, layer_kinds, rewrites_weight, variant_named
+from .variant import REGISTRY, autocast_off, hook_only_methods, layer_kinds, rewrites_weight, variant_named
 
 CONTAINER = "lora_adapters"
 FROZEN_ATTR = "_lora_lite_frozen"  # on the module attach was called on: the base parameters it froze
@@ -108,7 +109,8 @@ class _Compute:
 
     def __getattr__(self, attr):
         value = getattr(self._adapter, attr)
-        if attr.startswith("lora_") and isinstance(value, torch.Tensor) and value.is_floating_point():
+        if (attr.startswith("lora_") and isinstance(value, torch.Tensor) and value.is_floating_point()
+                and value.dtype != self._dtype):
             with torch.enable_grad():  # the cast is cached: one made first under no_grad must still carry grads
                 value = value.to(self._dtype)
         setattr(self, attr, value)
@@ -418,6 +420,7 @@ def install(model, name, cfg, targets, *, tensors, calibration_data, layer_value
         raise
     if frozen:
         model.__dict__.setdefault(FROZEN_ATTR, []).extend(frozen)
+    guard(model)  # transformers' save_pretrained would drop the adapter silently: refuse it (save_guard.py)
     return added
 
 
@@ -462,7 +465,8 @@ def residual(a: Adapter) -> torch.Tensor:
     rounded once to W's dtype."""
     layer, kind = a.base, KINDS[a.kind]
     weight = layer.weight
-    delta = a.variant.base_delta(a).to(weight.device, torch.float32)
+    with autocast_off(weight.device):  # else a switch inside an autocast block would rebuild W_res from bf16 math
+        delta = a.variant.base_delta(a).to(weight.device, torch.float32)
     original = kind.as_2d(layer, a.original_weight.to(weight.device, torch.float32))
     return kind.from_2d(layer, original - delta).to(weight.dtype)
 
@@ -602,6 +606,7 @@ def detach(model: nn.Module, name: str | None = None) -> None:
         for module in model.modules():
             for p in module.__dict__.pop(FROZEN_ATTR, ()):
                 p.requires_grad_(True)
+    unguard(model)
 
 
 @torch.no_grad()

@@ -46,6 +46,9 @@ Facts the rest of the package reads (optional unless noted)
     added_macs(d_in, d_out, cfg) -> int         forward multiply-accumulates per token added to one layer
                                                 (matmuls and elementwise products; per-call work such as DoRA's
                                                 row norm is not per token). `lora-lite cost` needs it
+    call_macs(d_in, d_out, cfg) -> int          MACs one training step (forward and backward) of one layer spends
+                                                once, whatever its token count: DoRA's row norm, HRA's r×r solve.
+                                                Optional (0); the cost report's ideal ratio counts it
     bench = {"r": .., "alpha": number | "r", "lr": {preset: lr}, "targets": (..), "knobs": {..}}
                                                 benchmark defaults (lora_lite.bench.presets.defaults_row)
     peft(cfg, target_names) -> (PeftConfig, label) | None
@@ -54,6 +57,7 @@ Facts the rest of the package reads (optional unless noted)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,6 +169,14 @@ def rewrites_weight(variant: type) -> bool:
 def hook_only_methods() -> list[str]:
     """Methods that never need a dense float weight, so they run on bitsandbytes 4/8-bit layers."""
     return sorted(n for n, v in REGISTRY.items() if not getattr(v, "needs_dense_weight", False))
+
+
+def autocast_off(device: torch.device):
+    """A block where fp32 math stays fp32 inside an autocast region, which would run its matmuls in bf16/fp16
+    (base_delta, a method's fp32 statistics). A no-op on devices autocast does not know."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_rank(d_in: int, d_out: int, cfg: Any) -> None:

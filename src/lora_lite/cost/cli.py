@@ -3,6 +3,8 @@
     lora-lite cost --compare-peft --out cost_cpu.md              # the CPU anchor shape, with PEFT's twins
     lora-lite cost --preset qwen3-0.6b --device cuda --dtype bfloat16 --compare-peft
     lora-lite cost --variants lora hra pissa:svd=lowrank,niter=2  # a subset; name:field=value,... sets config fields
+    lora-lite cost --table attach                                # attach/load vs get_peft_model/from_pretrained
+    lora-lite cost --table moe --preset qwen3-moe                # LoRA on MoE expert parameters vs PEFT's
 
 Bad values are refused in one line (exit 2) before anything is built or measured.
 """
@@ -34,9 +36,10 @@ from ..cli_args import (
 )
 from ..config import ALL_LINEAR, config_class
 from ..errors import ConfigError, LoraLiteError
-from .macs import added_macs, linear_macs
+from .macs import added_macs, ideal_step_ratio, linear_macs
 from .measure import (
     QWEN3_0_6B,
+    QWEN3_MOE_SMALL,
     ModelShape,
     Step,
     build_model,
@@ -48,7 +51,8 @@ from .measure import (
     trainable_params,
 )
 
-PRESETS = {"anchor": ModelShape(), "qwen3-0.6b": QWEN3_0_6B}
+PRESETS = {"anchor": ModelShape(), "qwen3-0.6b": QWEN3_0_6B, "qwen3-moe": QWEN3_MOE_SMALL}
+TABLES = ("steps", "attach", "moe")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # pissa defaults to the randomized SVD; the exact one is the other row PEFT has (init_lora_weights="pissa").
 EXTRA_ROWS = ("pissa:svd=full",)
@@ -86,11 +90,17 @@ PROG = "lora-lite cost"
 
 def build_parser() -> argparse.ArgumentParser:
     p = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", choices=TABLES, default="steps",
+                   help="steps: the step-cost table (default); attach: attach/load time and peak RSS against "
+                        "get_peft_model / PeftModel.from_pretrained (default variants lora, pissa); moe: LoRA on the "
+                        "expert parameters of an MoE preset against PEFT's target_parameters")
+    p.add_argument("--attach-rounds", type=positive_int, default=3, help="timed rounds of --table attach (default 3)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="variants to report; 'name:field=value,...' sets config fields "
                         f"(default: every registered variant plus {', '.join(EXTRA_ROWS)})")
     p.add_argument("--preset", choices=sorted(PRESETS), default="anchor",
-                   help="model shape: 'anchor' (hidden 512, 4 layers, inter 1536, 8/4 heads) or 'qwen3-0.6b'")
+                   help="model shape: 'anchor' (hidden 512, 4 layers, inter 1536, 8/4 heads), 'qwen3-0.6b', or "
+                        "'qwen3-moe' (the anchor with 16 experts of width 384 per block, 2 active; --table moe)")
     for field in dataclasses.fields(ModelShape):
         p.add_argument(f"--{field.name.replace('_', '-')}", type=positive_int, default=None,
                        help=f"override the preset's {field.name}")
@@ -126,6 +136,8 @@ def resolve(args) -> tuple[ModelShape, list]:
         raise ConfigError("--clock cpu times CPU work only; use the wall clock on a GPU")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise ConfigError(f"--device {args.device!r}: use cpu, cuda or cuda:N")
+    if args.table == "attach" and args.device != "cpu":
+        raise ConfigError("--table attach measures CPU RSS; run it with --device cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} but CUDA is not available here; pass --device cpu")
     if args.svd_niter is not None and not args.svd_size:
@@ -135,10 +147,13 @@ def resolve(args) -> tuple[ModelShape, list]:
         f.name: getattr(args, f.name) for f in dataclasses.fields(ModelShape) if getattr(args, f.name) is not None})
     if shape.heads % shape.kv_heads:
         raise ConfigError(f"--heads {shape.heads} must be a multiple of --kv-heads {shape.kv_heads}")
+    if (args.table == "moe") != bool(shape.experts):
+        raise ConfigError("--table moe needs an MoE shape (--preset qwen3-moe or --experts N), and only it takes one")
     if args.out is not None:
         check_output_file(args.out, "--out")
     try:
-        cfgs = [parse_variant(s, args.r, args.alpha, tuple(args.targets)) for s in (args.variants or default_variants())]
+        variants = args.variants or (["lora", "pissa"] if args.table == "attach" else default_variants())
+        cfgs = [parse_variant(s, args.r, args.alpha, tuple(args.targets)) for s in variants]
     except LoraLiteError as e:
         raise ConfigError(f"--variants: {e}") from None
     return shape, cfgs
@@ -162,7 +177,7 @@ def measure_row(base, cfg, floor: Step, ids, calib, args):
     _, init_ms = timed_ms(lambda: ll.attach(ours_model, cfg, calibration_data=calibration), args.device)
     ours = Step(ours_model, ids)
     row = {"variant": cfg.variant + _knobs(cfg), "init_ms": init_ms, "params": trainable_params(ours_model),
-           "macs": added_macs(ours_model, cfg),
+           "macs": added_macs(ours_model, cfg), "ideal": ideal_step_ratio(base, cfg, args.batch, args.seq),
            "file_mb": file_mb(lambda d: ll.save(ours_model, d / "adapter.safetensors"))}
     fns = {"floor_fwd": floor.forward, "floor_step": floor.train, "fwd": ours.forward, "step": ours.train}
     peft_step = None
@@ -232,10 +247,10 @@ def render(rows, floor_peak, header: list[str], compare_peft: bool) -> str:
     """The table. Each row shows the floor step it was timed beside, so step ms ÷ floor ms is its ratio."""
     noise = floor_noise(rows)
     cols = ["variant", "trainable", "file MB", "+MACs/tok", "init ms", "fwd ms", "step ms", "floor step ms",
-            "step ÷ floor", "peak MB"]
+            "step ÷ floor", "ideal", "÷ ideal", "peak MB"]
     if compare_peft:
         cols += ["PEFT equivalent", "PEFT trainable", "PEFT init ms", "PEFT step ms", "PEFT step ÷ floor",
-                 "PEFT ÷ ours", "PEFT peak MB"]
+                 "PEFT ÷ ideal", "PEFT ÷ ours", "PEFT peak MB"]
     floors = [r["floor_step"] for r in rows]
     if noise is None:
         noise_line = (f"Timing noise: not estimated ({len(rows)} row(s); it needs 3), so no ratio is marked as a "
@@ -249,17 +264,19 @@ def render(rows, floor_peak, header: list[str], compare_peft: bool) -> str:
                   "step ms ÷ that; the floor row shows the median over the rows.")
     lines = header + [floor_line, noise_line, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines.append("| *floor (frozen base, input-embedding grad only)* | 0 | – | 0 | – | "
-                 f"{_median([r['floor_fwd'] for r in rows]):.1f} | {_median(floors):.1f} | – | 1.00 | "
-                 f"{_fmt(floor_peak)} |" + (" – |" * 7 if compare_peft else ""))
+                 f"{_median([r['floor_fwd'] for r in rows]):.1f} | {_median(floors):.1f} | – | 1.00 | 1.00 | – | "
+                 f"{_fmt(floor_peak)} |" + (" – |" * 8 if compare_peft else ""))
     for r in rows:
         cells = [r["variant"], f"{r['params']:,}", f"{r['file_mb']:.2f}", f"{r['macs'] / 1e3:,.0f}K",
                  f"{r['init_ms']:.0f}", f"{r['fwd']:.1f}", f"{r['step']:.1f}", f"{r['floor_step']:.1f}",
-                 _ratio_cell(r["ratio"], noise), _fmt(r["peak_mb"])]
+                 _ratio_cell(r["ratio"], noise), f"{r['ideal']:.3f}", f"{r['ratio'] / r['ideal']:.2f}",
+                 _fmt(r["peak_mb"])]
         if compare_peft:
             has = "peft_step" in r
             cells += [r.get("peft_label", "–"), f"{r['peft_params']:,}" if has else "–",
                       _fmt(r.get("peft_init_ms")), _fmt(r.get("peft_step"), ".1f"),
                       _ratio_cell(r["peft_ratio"], noise) if has else "–",
+                      _fmt(r["peft_ratio"] / r["ideal"] if has else None, ".2f"),
                       _peft_vs_ours(r["peft_ratio"], r["ratio"], noise) if has else "–", _fmt(r.get("peft_peak_mb"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -308,6 +325,8 @@ def _measure(args, shape: ModelShape, cfgs: list) -> str:
     args.mem = mem_problem is None
 
     base = build_model(shape, dtype, args.device, args.seed)
+    if args.table != "steps":
+        return _other_table(args, shape, base, cfgs)
     batches = random_batches(shape.vocab, 1 + args.calib_batches, args.batch, args.seq, args.device, args.seed)
     ids, calib = batches[0]["input_ids"], batches[1:]
     floor = Step(base, ids)
@@ -326,6 +345,18 @@ def _measure(args, shape: ModelShape, cfgs: list) -> str:
     if args.svd_size:
         report += "\n\n" + _svd_section(args)
     return report
+
+
+def _other_table(args, shape, base, cfgs) -> str:
+    """--table attach / moe: sections with their own measurements (attach_bench.py, moe_bench.py)."""
+    if args.table == "attach":
+        from .attach_bench import attach_table
+
+        return attach_table(base, shape, cfgs, args)
+    from .moe_bench import moe_table
+
+    ids = random_batches(shape.vocab, 1, args.batch, args.seq, args.device, args.seed)[0]["input_ids"]
+    return moe_table(base, shape, ids, args)
 
 
 def _warm_up_imports(base, args) -> None:

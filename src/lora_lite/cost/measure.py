@@ -31,20 +31,30 @@ class ModelShape:
     kv_heads: int = 4
     head_dim: int = 64
     vocab: int = 4096
+    experts: int = 0  # > 0: a Qwen3-MoE, every block's MLP is `experts` experts of width moe_intermediate
+    top_k: int = 2
+    moe_intermediate: int = 384
 
 
 QWEN3_0_6B = ModelShape(hidden=1024, layers=28, intermediate=3072, heads=16, kv_heads=8, head_dim=128,
                         vocab=151936)
+QWEN3_MOE_SMALL = ModelShape(experts=16)  # the anchor with 16 experts of width 384 per block, 2 active per token
 
 
 def build_model(shape: ModelShape, dtype: torch.dtype, device: str, seed: int = 0) -> nn.Module:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    import transformers
 
     torch.manual_seed(seed)
-    cfg = Qwen3Config(hidden_size=shape.hidden, num_hidden_layers=shape.layers, intermediate_size=shape.intermediate,
-                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
-                      vocab_size=shape.vocab, max_position_embeddings=4096, tie_word_embeddings=False)
-    model = Qwen3ForCausalLM(cfg).to(device=device, dtype=dtype)
+    common = dict(hidden_size=shape.hidden, num_hidden_layers=shape.layers, intermediate_size=shape.intermediate,
+                  num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                  vocab_size=shape.vocab, max_position_embeddings=4096, tie_word_embeddings=False)
+    if shape.experts:
+        cfg = transformers.Qwen3MoeConfig(**common, num_experts=shape.experts, num_experts_per_tok=shape.top_k,
+                                          moe_intermediate_size=shape.moe_intermediate, decoder_sparse_step=1)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    else:
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common))
+    model = model.to(device=device, dtype=dtype)
     return model.requires_grad_(False).train()
 
 
@@ -131,22 +141,9 @@ def _release_free_memory() -> None:
 def peak_step_mb(step: Step, device: str, repeats: int = 3) -> float:
     """MB the training step needs above what is resident before it (activations, grads, temporaries).
 
-    CUDA: max_memory_allocated. CPU (Linux, glibc): the RSS high-water mark, reset through /proc/self/clear_refs
-    after freed pages are returned with malloc_trim. While it runs, every allocation of 64 KB or more gets its own
-    mmap, so freeing a tensor really lowers RSS and the mark counts live tensors, not allocator caching.
+    CUDA: max_memory_allocated. CPU (Linux, glibc): the RSS high-water mark (see `cpu_peak_mb`).
     Minimum over `repeats`, which filters the remaining noise.
     """
-    libc = ctypes.CDLL("libc.so.6") if not device.startswith("cuda") else None
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, _PRECISE_MMAP_BYTES)
-    try:
-        return _peak_step_mb(step, device, repeats)
-    finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_BYTES)  # large tensors reuse heap memory while timing
-
-
-def _peak_step_mb(step: Step, device: str, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         step.clear_grads()
@@ -158,14 +155,29 @@ def _peak_step_mb(step: Step, device: str, repeats: int) -> float:
             torch.cuda.synchronize()
             best = min(best, (torch.cuda.max_memory_allocated() - before) / 2**20)
         else:
-            _release_free_memory()
-            before = _proc_status_kb("VmRSS")
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            step.train()
-            best = min(best, (_proc_status_kb("VmHWM") - before) / 1024)
+            best = min(best, cpu_peak_mb(step.train)[1])
     step.clear_grads()
     return best
+
+
+def cpu_peak_mb(fn: Callable[[], object]) -> tuple[object, float]:
+    """(fn(), MB of CPU RSS high-water mark above the RSS before it), Linux and glibc only.
+
+    Freed heap pages are handed back first (malloc_trim) and the mark is reset through /proc/self/clear_refs.
+    While fn runs, every allocation of 64 KB or more gets its own mmap, so freeing a tensor really lowers RSS
+    and the mark counts live tensors, not allocator caching.
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, _PRECISE_MMAP_BYTES)
+    try:
+        _release_free_memory()
+        before = _proc_status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        out = fn()
+        return out, (_proc_status_kb("VmHWM") - before) / 1024
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_BYTES)  # large tensors reuse heap memory while timing
 
 
 def cpu_peak_supported() -> str | None:
@@ -182,3 +194,21 @@ def cpu_peak_supported() -> str | None:
 
 def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def environment_line(threads: int, dtype_name: str, device: str, load_before: tuple[float, ...]) -> str:
+    """Versions, dtype, device and the load average before and after: the context every cost table states."""
+    import os
+    import platform
+
+    import transformers
+
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    try:
+        import peft
+
+        versions += f", peft {peft.__version__}"
+    except ImportError:
+        pass
+    return (f"{dtype_name} on {device} ({threads} threads, {platform.processor() or platform.machine()}); {versions}; "
+            f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after.")

@@ -66,6 +66,12 @@ class DoRA:
         return LoRA.added_macs(d_in, d_out, cfg) + 2 * d_out  # LoRA path, (m/n − 1)·Wx, (m/n)·LoRA; norm per call
 
     @staticmethod
+    def call_macs(d_in, d_out, cfg):
+        # row_norm, forward only (detached): ‖W_i‖², W Aᵀ, A Aᵀ, B (A Aᵀ), and the two row sums with B
+        r = cfg.r
+        return d_in * d_out * (r + 1) + r * r * (d_in + d_out) + 2 * r * d_out
+
+    @staticmethod
     @torch.no_grad()
     def init(a):
         a.lora_m.copy_(torch.linalg.vector_norm(a.weight, dim=1, dtype=torch.float32))

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import RankConfig
 from ..errors import ConfigError
 from ..quant import dense_weight
-from ..variant import ParamSpec, check_rank, register
+from ..variant import ParamSpec, autocast_off, check_rank, register
 
 
 @dataclass
@@ -46,10 +46,11 @@ def wy_factors(a) -> tuple[torch.Tensor, torch.Tensor]:
     init, T's two columns for a pair are exact opposites and the correction cancels exactly, even in bf16.
     """
     U = a.lora_U
-    G = U.float() @ U.float().T
-    eye = torch.eye(U.shape[0], dtype=torch.float32, device=U.device)
-    S = torch.triu(G, diagonal=1) + torch.diag(0.5 * G.diagonal().clamp_min(1e-12))
-    T = torch.linalg.solve_triangular(S, eye, upper=True)
+    with autocast_off(U.device):  # autocast would form G in bf16, which the triangular solve does not take
+        G = U.float() @ U.float().T
+        eye = torch.eye(U.shape[0], dtype=torch.float32, device=U.device)
+        S = torch.triu(G, diagonal=1) + torch.diag(0.5 * G.diagonal().clamp_min(1e-12))
+        T = torch.linalg.solve_triangular(S, eye, upper=True)
     return U, T.T.to(U.dtype)
 
 
@@ -80,6 +81,11 @@ class HRA:
     @staticmethod
     def added_macs(d_in, d_out, cfg):
         return 2 * cfg.r * d_in + cfg.r * cfg.r  # x Yᵀ, · Tᵀ, · Y  (building Y and T is per call)
+
+    @staticmethod
+    def call_macs(d_in, d_out, cfg):
+        # U Uᵀ and the r×r triangular solve for T, with their backward (three times the forward)
+        return 3 * (cfg.r * cfg.r * d_in + cfg.r**3 // 2)
 
     @staticmethod
     def forward_input(a, x):
