@@ -278,13 +278,20 @@ def argparse_checked(argv: list[str]) -> bool:
     return not (prog in ("python", "python3") and rest[:2] in (["-m", "venv"], ["-m", "pip"], ["-m", "pytest"]))
 
 
+@functools.cache
+def tracked_files() -> frozenset[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return frozenset(out.splitlines())
+
+
 def check_command(argv: list[str], created: set[str]) -> list[str]:
     """Problems with one documented command, found without running it."""
     prog, rest = argv[0], argv[1:]
     problems = [f"{p} does not exist" for p in repo_paths(argv) if not (ROOT / p).exists()]
     if prog in (".", "source"):
         path = rest[0]
-        if not ((ROOT / path).exists() or any(path.startswith(c.rstrip("/") + "/") for c in created)):
+        # tracked files only: a checkout's own .venv (CI makes one in the repository root) proves nothing
+        if not (path in tracked_files() or any(path.startswith(c.rstrip("/") + "/") for c in created)):
             problems.append(f"{path}: sourced but neither in the repository nor created earlier in the block")
         return problems
     if prog in ("python", "python3") and rest[:2] == ["-m", "venv"]:
