@@ -71,6 +71,11 @@ def road_pair(variant):
                 road_values)
 
 
+def miss_pair(mode):
+    return Pair(lambda: ll.MiSSConfig(r=4, mode=mode, mini_r=8), {"lora_D": ("miss_block", same, same)},
+                lambda n, t, layer: 0.02 * torch.randn_like(t))
+
+
 PAIRS = {
     "lora": Pair(lambda: ll.LoRAConfig(r=4, alpha=5), LORA_AB, factors),
     "dora": Pair(lambda: ll.DoRAConfig(r=4, alpha=5), {**LORA_AB, "lora_m": ("lora_magnitude_vector", same, same)},
@@ -86,6 +91,27 @@ PAIRS = {
     "road_1": road_pair("road_1"),
     "road_2": road_pair("road_2"),
     "road_4": road_pair("road_4"),
+    # methods-2: Lily .. BOFT
+    "lily": Pair(lambda: ll.LilyConfig(r=4, stride_a=2, num_b=3),
+                 {"lora_A": ("lily_A", same, same), "lora_router": ("lily_router", same, same),
+                  "lora_B": ("lily_B", lambda t: t.flatten(0, 1), lambda t: t.reshape(3, 4, -1))},
+                 lambda n, t, layer: torch.randn_like(t) * (0.05 if n == "lora_B" else 0.5)),
+    "hira": Pair(lambda: ll.HiRAConfig(r=4), {"lora_A": ("hira_A", same, same), "lora_B": ("hira_B", same, same)},
+                 lambda n, t, layer: torch.randn_like(t) * (0.3 if n == "lora_A" else 1.0)),
+    "shira": Pair(lambda: ll.SHiRAConfig(r=4, seed=7), {"lora_values": ("shira_weight", same, same)},
+                  lambda n, t, layer: 0.05 * torch.randn_like(t)),
+    "miss": miss_pair("miss"),
+    "miss_mini": miss_pair("mini"),
+    "miss_bat": miss_pair("bat"),
+    "gralora": Pair(lambda: ll.GraLoRAConfig(r=4, alpha=6.0, k=2), {"lora_A": ("gralora_A", same, same),
+                                                                     "lora_B": ("gralora_B", same, same)}, factors),
+    "gralora_hybrid": Pair(lambda: ll.GraLoRAConfig(r=4, alpha=6.0, k=2, hybrid_r=2),
+                           {"lora_A": ("gralora_A", same, same), "lora_B": ("gralora_B", same, same),
+                            "lora_hybrid_A": ("gralora_A_general", same, same),
+                            "lora_hybrid_B": ("gralora_B_general", same, same)}, factors),
+    "vera": Pair(lambda: ll.VeRAConfig(r=8), {"lora_d": ("vera_lambda_d", same, same),
+                                              "lora_b": ("vera_lambda_b", same, same)},
+                 lambda n, t, layer: (0.1 if n == "lora_d" else 1.0) * torch.randn_like(t)),
 }
 
 

@@ -38,7 +38,7 @@ from .config import AdapterConfig
 from .errors import AttachStateError, CalibrationError, ConfigError, UnsupportedLayerError
 from .target import find_targets
 from .transaction import ModelSnapshot
-from .variant import hook_only_methods, rewrites_weight, variant_named
+from .variant import couples_rows, hook_only_methods, rewrites_weight, variant_named
 
 CONTAINER = "lora_adapters"
 FROZEN_ATTR = "_lora_lite_frozen"  # on the module attach was called on: the base parameters it froze
@@ -298,6 +298,8 @@ def install(model, name, cfg, targets, *, tensors, calibration_data) -> list[Ada
             layer.lora_adapters[name] = a
             added.append(a)  # registered first, so a failure below is rolled back
             _add_tensors(a, lname, specs, tensors)
+        if hasattr(variant, "group_setup"):  # on attach and on load: what layers share, or what the config rebuilds
+            variant.group_setup(model, added, cfg, loaded=tensors is not None)
         if tensors is None and hasattr(variant, "init"):
             for a in added:
                 variant.init(a)
@@ -413,6 +415,11 @@ def per_row(model: nn.Module, names: Iterable[str | None]):
     if mixed:
         raise AttachStateError(f"per_row cannot route rows to {mixed}: a weight-rewriting method changes W for the "
                                "whole batch. Run those rows separately with set_active, or merge that adapter")
+    coupled = sorted({n for n in names if n is not None and couples_rows(groups[n][0])})
+    if coupled:
+        raise AttachStateError(f"per_row cannot route rows to {coupled}: with this config a row's output depends on "
+                               "the other rows of the batch, so no row can run as if alone. Run those rows "
+                               "separately with set_active, or pick the method's per-token option (see its docstring)")
     adapters = iter_adapters(model)
     before = [(a, a.active, a.rows, a.routed_batch) for a in adapters]
     try:
