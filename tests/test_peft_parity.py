@@ -109,6 +109,19 @@ PAIRS = {
                            {"lora_A": ("gralora_A", same, same), "lora_B": ("gralora_B", same, same),
                             "lora_hybrid_A": ("gralora_A_general", same, same),
                             "lora_hybrid_B": ("gralora_B_general", same, same)}, factors),
+    "loha": Pair(lambda: ll.LoHaConfig(r=4, alpha=6.0),
+                 {"lora_B1": ("hada_w1_a", same, same), "lora_A1": ("hada_w1_b", same, same),
+                  "lora_B2": ("hada_w2_a", same, same), "lora_A2": ("hada_w2_b", same, same)},
+                 lambda n, t, layer: 0.3 * torch.randn_like(t)),
+    # the tiny Qwen's 64- and 32-wide layers get a full W2, its 128-wide ones a rank-r W2a W2b
+    "lokr": Pair(lambda: ll.LoKrConfig(r=4, alpha=6.0),
+                 {"lora_w1": ("lokr_w1", same, same), "lora_w2": ("lokr_w2", same, same),
+                  "lora_w2_a": ("lokr_w2_a", same, same), "lora_w2_b": ("lokr_w2_b", same, same)},
+                 lambda n, t, layer: 0.3 * torch.randn_like(t)),
+    "oft": Pair(lambda: ll.OFTConfig(block_size=8), {"lora_q": ("oft_R", same, same)},
+                lambda n, t, layer: 0.1 * torch.randn_like(t)),
+    "oft_cayley": Pair(lambda: ll.OFTConfig(block_size=8, cayley_neumann=False), {"lora_q": ("oft_R", same, same)},
+                       lambda n, t, layer: 0.1 * torch.randn_like(t)),
     "vera": Pair(lambda: ll.VeRAConfig(r=8), {"lora_d": ("vera_lambda_d", same, same),
                                               "lora_b": ("vera_lambda_b", same, same)},
                  lambda n, t, layer: (0.1 if n == "lora_d" else 1.0) * torch.randn_like(t)),
@@ -118,6 +131,11 @@ PAIRS = {
 def test_every_method_with_a_peft_equivalent_has_a_parity_pair():
     shared = {name for name, method in ll.REGISTRY.items() if hasattr(method, "peft")}
     assert {pair.ours().variant for pair in PAIRS.values()} == shared
+
+
+def in_layer(pair: Pair, layer) -> list:
+    """The pair's tensor mappings that apply to this layer (LoKr's W2 is full on some layers, factored on others)."""
+    return [(tname, spec) for tname, spec in pair.tensors.items() if tname in layer.tensor_names]
 
 
 def forward_backward(model, batch):
@@ -175,11 +193,14 @@ def test_matches_peft(key, summary):
                 peft_layer.base_layer.weight.copy_(layer.base.weight)
         summary["pissa init"] = (init_diff, float("nan"))
 
+    for name, layer in layers.items():
+        trained = {t for t in layer.tensor_names if getattr(layer, t).requires_grad}
+        assert trained <= set(pair.tensors), f"{name}: no PEFT counterpart for {sorted(trained - set(pair.tensors))}"
     torch.manual_seed(1)
     with torch.no_grad():
         for name, layer in layers.items():
             peft_layer = theirs.base_model.model.get_submodule(name)
-            for tname, (attr, to_theirs, _) in pair.tensors.items():
+            for tname, (attr, to_theirs, _) in in_layer(pair, layer):
                 value = pair.randomize(tname, getattr(layer, tname), layer).to(getattr(layer, tname).dtype)
                 getattr(layer, tname).copy_(value)
                 target = getattr(peft_layer, attr)["default"]
@@ -195,7 +216,7 @@ def test_matches_peft(key, summary):
     max_grad = 0.0
     for name, layer in layers.items():
         peft_layer = theirs.base_model.model.get_submodule(name)
-        for tname, (attr, _, to_ours) in pair.tensors.items():
+        for tname, (attr, _, to_ours) in in_layer(pair, layer):
             target = getattr(peft_layer, attr)["default"]
             target = target.weight if isinstance(target, torch.nn.Module) else target
             g_ours, g_theirs = getattr(layer, tname).grad, to_ours(target.grad)

@@ -27,12 +27,15 @@ from conftest import gsm8k_rows, stories_tokenizer
 class Case:
     """config     model kind -> the method's config under test (small r so every layer admits it).
     lr, optimizer what makes the loss drop within test_invariants.TRAIN_STEPS steps on a fixed GSM8K batch.
-    reload_atol   max |logits| difference after save -> load onto a fresh model (0.0 means bit-exact)."""
+    reload_atol   max |logits| difference after save -> load onto a fresh model (0.0 means bit-exact).
+    trained_state frozen tensors that training advances, and the value they have once trained (SingLoRA's step
+                  counter): tests/deploy_cases.perturb sets them along with the noise it adds to trainable ones."""
 
     config: Callable[[str], ll.AdapterConfig]
     lr: float = 1e-2
     optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW
     reload_atol: float = 0.0
+    trained_state: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def road_group_size(kind: str) -> int:
@@ -63,6 +66,12 @@ EXPLICIT: dict[str, Case] = {
     "lily": Case(lambda kind: ll.LilyConfig(r=4, stride_a=2), lr=0.5, optimizer=torch.optim.SGD),
     "hira": Case(lambda kind: ll.HiRAConfig(r=4), lr=0.1),  # ΔW = W ⊙ BA is as small as W's entries
     "gralora": Case(lambda kind: ll.GraLoRAConfig(r=4, alpha=8, k=2)),  # s = 2, as the lora case
+    "abba": Case(lambda kind: ll.ABBAConfig(r=2, alpha=2.0)),
+    # a short ramp so the loss moves within the matrix's steps; trained means past the ramp (u = 1)
+    "singlora": Case(lambda kind: ll.SingLoRAConfig(r=4, alpha=8, ramp_steps=2), trained_state={"lora_step": 2.0}),
+    "loha": Case(lambda kind: ll.LoHaConfig(r=4, alpha=8)),
+    "lokr": Case(lambda kind: ll.LoKrConfig(r=4, alpha=8)),
+    "oft": Case(lambda kind: ll.OFTConfig(block_size=road_group_size(kind))),  # divides every d_in too
 }
 
 
