@@ -122,6 +122,11 @@ PAIRS = {
                 lambda n, t, layer: 0.1 * torch.randn_like(t)),
     "oft_cayley": Pair(lambda: ll.OFTConfig(block_size=8, cayley_neumann=False), {"lora_q": ("oft_R", same, same)},
                        lambda n, t, layer: 0.1 * torch.randn_like(t)),
+    # PEFT runs one butterfly factor without its CUDA extension, so parity is for one; test_structured_methods
+    # checks the permutations of more factors against PEFT's own
+    "boft": Pair(lambda: ll.BOFTConfig(block_size=4), {"lora_T": ("boft_R", same, same),
+                                                       "lora_s": ("boft_s", lambda t: t[:, None], lambda t: t[:, 0])},
+                 lambda n, t, layer: (0.1 if n == "lora_T" else 1.0) * torch.randn_like(t) + (n == "lora_s")),
     "vera": Pair(lambda: ll.VeRAConfig(r=8), {"lora_d": ("vera_lambda_d", same, same),
                                               "lora_b": ("vera_lambda_b", same, same)},
                  lambda n, t, layer: (0.1 if n == "lora_d" else 1.0) * torch.randn_like(t)),

@@ -72,6 +72,8 @@ EXPLICIT: dict[str, Case] = {
     "loha": Case(lambda kind: ll.LoHaConfig(r=4, alpha=8)),
     "lokr": Case(lambda kind: ll.LoKrConfig(r=4, alpha=8)),
     "oft": Case(lambda kind: ll.OFTConfig(block_size=road_group_size(kind))),  # divides every d_in too
+    # two butterfly factors: b·2 must divide every d_in (stories' down_proj reads 172 = 4·43)
+    "boft": Case(lambda kind: ll.BOFTConfig(block_size=4 if kind == "qwen" else 2, butterfly_factor=2)),
 }
 
 

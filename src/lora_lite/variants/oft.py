@@ -6,7 +6,7 @@ The input is rotated block by block before W, so W is multiplied by a block-diag
     Q_n = M_n − M_nᵀ  skew, from the upper-triangle vector q_n;  q: (n, b(b−1)/2) zeros, trainable
     R_n = Cayley(Q_n) = (I − Q_n)(I + Q_n)⁻¹, or PEFT's default truncated Neumann series (cayley_neumann=True,
           5 terms): R = I + 2Q + 2Q² + 2Q³ + Q⁴ (PEFT's terms; orthogonal only up to O(Q⁴))
-R is built per call in the stored precision (n·b³) and applied as a batched (b, b) product, b·d_in MACs per
+R is built per call in fp32 at least (n·b³) and applied as a batched (b, b) product, b·d_in MACs per
 token. q = 0 gives R = I exactly, so identity at init is exact, and q has a gradient at step 0 (dR/dQ = 2 at 0).
 Merge: W' = W Rᵀ (bias unchanged). R − I is full rank in general: no LoRA export.
 Hook-only (a pre-hook on the input): works on quantized layers. Trainable params per layer: d_in·(b − 1)/2.
@@ -31,6 +31,7 @@ class OFTConfig(AdapterConfig):
 def rotations(q: torch.Tensor, cfg) -> torch.Tensor:
     """(n, b(b−1)/2) -> (n, b, b): PEFT's Cayley map of each block's skew matrix."""
     b = cfg.block_size
+    q = q.to(torch.promote_types(q.dtype, torch.float32))  # no 16-bit LU on CPU; and R closer to orthogonal
     rows, cols = torch.triu_indices(b, b, offset=1, device=q.device)
     M = q.new_zeros(q.shape[0], b, b)
     M[:, rows, cols] = q
@@ -90,5 +91,5 @@ class OFT:
 
     @staticmethod
     def merged_weight(a, W, bias):
-        R = rotations(a.lora_q.float(), a.cfg)
+        R = rotations(a.lora_q, a.cfg)
         return torch.einsum("onc,nkc->onk", W.unflatten(-1, (R.shape[0], -1)), R).flatten(-2), bias
