@@ -113,6 +113,10 @@ PAIRS = {
                  {"lora_B1": ("hada_w1_a", same, same), "lora_A1": ("hada_w1_b", same, same),
                   "lora_B2": ("hada_w2_a", same, same), "lora_A2": ("hada_w2_b", same, same)},
                  lambda n, t, layer: 0.3 * torch.randn_like(t)),
+    "loha_dense": Pair(lambda: ll.LoHaConfig(r=8, alpha=6.0),  # r² (d_in + d_out) > d_in d_out: PEFT's dense form
+                       {"lora_B1": ("hada_w1_a", same, same), "lora_A1": ("hada_w1_b", same, same),
+                        "lora_B2": ("hada_w2_a", same, same), "lora_A2": ("hada_w2_b", same, same)},
+                       lambda n, t, layer: 0.3 * torch.randn_like(t)),
     # the tiny Qwen's 64- and 32-wide layers get a full W2, its 128-wide ones a rank-r W2a W2b
     "lokr": Pair(lambda: ll.LoKrConfig(r=4, alpha=6.0),
                  {"lora_w1": ("lokr_w1", same, same), "lora_w2": ("lokr_w2", same, same),

@@ -9,7 +9,8 @@ kaiming, B2 = 0. Identity at init is exact because B2 = 0; B2 trains from step 0
 Forward through the Khatri-Rao identity (the paper's), never building a (d_out, d_in) matrix:
     (B1A1) ⊙ (B2A2) = B⋆ A⋆,  A⋆ = rows A1_p ⊙ A2_q (r·r2, d_in),  B⋆ = columns B1_p ⊙ B2_q (d_out, r·r2)
     y' = y + s · (x A⋆ᵀ) B⋆ᵀ          A⋆, B⋆ built per call; r·r2·(d_in + d_out) MACs per token
-So it is exactly low-rank: exports as a plain LoRA of rank r·r2 (A⋆, B⋆, s).
+unless r·r2·(d_in + d_out) > d_in·d_out; then ΔW is built per call and applied densely (fewer MACs per token).
+Either way the change is exactly low-rank: it exports as a plain LoRA of rank r·r2 (A⋆, B⋆, s).
 Reads W once, at init (dequantized on bitsandbytes layers), so it works on quantized bases.
 Trainable params per layer: (r + r2)·(d_in + d_out); the paper takes r = r2 = half a LoRA's rank.
 """
@@ -45,6 +46,24 @@ def khatri_rao(A1, B1, A2, B2) -> tuple[torch.Tensor, torch.Tensor]:
     return (A1.unsqueeze(1) * A2.unsqueeze(0)).flatten(0, 1), (B1.unsqueeze(2) * B2.unsqueeze(1)).flatten(1, 2)
 
 
+def factored_is_cheaper(d_in: int, d_out: int, k: int) -> bool:
+    """Per token, x A⋆ᵀ B⋆ᵀ costs k·(d_in + d_out) MACs and x ΔWᵀ with ΔW built per call d_in·d_out."""
+    return k * (d_in + d_out) <= d_in * d_out
+
+
+def hadamard_macs(d_in: int, d_out: int, k: int) -> int:
+    return k * (d_in + d_out) + k if factored_is_cheaper(d_in, d_out, k) else d_in * d_out
+
+
+def add_hadamard(y, x, A1, B1, A2, B2, scale: float):
+    """y + scale · x ((B1 A1) ⊙ (B2 A2))ᵀ, in whichever of the two forms costs fewer MACs per token."""
+    d_out, d_in = B1.shape[0], A1.shape[1]
+    if factored_is_cheaper(d_in, d_out, A1.shape[0] * A2.shape[0]):
+        A_star, B_star = khatri_rao(A1, B1, A2, B2)
+        return add_low_rank(y, F.linear(x, A_star) * scale, B_star)
+    return y + F.linear(x, (B1 @ A1) * (B2 @ A2) * scale)
+
+
 @register
 class ABBA:
     name = "abba"
@@ -75,13 +94,11 @@ class ABBA:
 
     @staticmethod
     def added_macs(d_in, d_out, cfg):
-        k = cfg.r * cfg.r2
-        return k * d_in + k + k * d_out  # x A⋆ᵀ, · s, · B⋆ᵀ (building A⋆, B⋆ is per call)
+        return hadamard_macs(d_in, d_out, cfg.r * cfg.r2)  # building A⋆, B⋆ or ΔW is per call
 
     @staticmethod
     def forward(a, x, y):
-        A_star, B_star = khatri_rao(a.lora_A1, a.lora_B1, a.lora_A2, a.lora_B2)
-        return add_low_rank(y, F.linear(x, A_star) * a.cfg.alpha, B_star)
+        return add_hadamard(y, x, a.lora_A1, a.lora_B1, a.lora_A2, a.lora_B2, a.cfg.alpha)
 
     @staticmethod
     def delta_weight(a):

@@ -6,21 +6,18 @@ The update is the Hadamard product of two rank-r matrices, so its rank reaches r
     B1, B2: (d_out, r)   A1, A2: (r, d_in)   all kaiming-uniform except A2 = 0 (PEFT's hada_w2_b), all trainable
 PEFT's names: hada_w1_a = B1, hada_w1_b = A1, hada_w2_a = B2, hada_w2_b = A2.
 Identity at init is exact because A2 = 0; A2 trains from step 0, the rest from step 1.
-Forward through the Khatri-Rao identity (see abba.py), never building ΔW: (B1A1) ⊙ (B2A2) = B⋆ A⋆ with
-A⋆ (r², d_in), B⋆ (d_out, r²), r²·(d_in + d_out) MACs per token. PEFT instead builds ΔW (d_out, d_in) each
-call and pays d_in·d_out per token; this is cheaper while r² < d_in·d_out / (d_in + d_out).
+Forward through the Khatri-Rao identity (see abba.py): (B1A1) ⊙ (B2A2) = B⋆ A⋆ with A⋆ (r², d_in), B⋆ (d_out,
+r²), r²·(d_in + d_out) MACs per token and no (d_out, d_in) matrix, where that is cheaper than PEFT's way (build
+ΔW per call, d_in·d_out MACs per token), i.e. while r² ≤ d_in·d_out / (d_in + d_out); PEFT's way otherwise.
 Exactly low-rank: exports as a plain LoRA of rank r² (A⋆, B⋆, s). Same form as ABBA, other init and scale.
 Hook-only: works on quantized layers. Trainable params per layer: 2r·(d_in + d_out).
 """
 
 from dataclasses import dataclass
 
-import torch.nn.functional as F
-
 from ..config import LowRankConfig
 from ..variant import ParamSpec, check_rank, register
-from .abba import khatri_rao
-from .lora import add_low_rank
+from .abba import add_hadamard, hadamard_macs, khatri_rao
 
 
 @dataclass
@@ -51,13 +48,11 @@ class LoHa:
 
     @staticmethod
     def added_macs(d_in, d_out, cfg):
-        k = cfg.r * cfg.r
-        return k * d_in + k + k * d_out  # x A⋆ᵀ, · s, · B⋆ᵀ (building A⋆, B⋆ is per call)
+        return hadamard_macs(d_in, d_out, cfg.r * cfg.r)  # building A⋆, B⋆ or ΔW is per call
 
     @staticmethod
     def forward(a, x, y):
-        A_star, B_star = khatri_rao(a.lora_A1, a.lora_B1, a.lora_A2, a.lora_B2)
-        return add_low_rank(y, F.linear(x, A_star) * a.cfg.scale, B_star)
+        return add_hadamard(y, x, a.lora_A1, a.lora_B1, a.lora_A2, a.lora_B2, a.cfg.scale)
 
     @staticmethod
     def lora_factors(a):
