@@ -17,6 +17,7 @@ from conftest import fresh_model
 from deploy_cases import perturb
 from lora_lite.cost.peft_map import build_peft_model
 from lora_lite.runtime import adapter_layers
+from lora_lite.variants.boft import butterfly_perm, cayley, rotate
 from lora_lite.variants.lily import layer_groups
 
 peft = pytest.importorskip("peft")
@@ -264,7 +265,6 @@ def test_singlora_refuses_a_ramp_16_bit_storage_cannot_count():
 
 @pytest.mark.parametrize("d_in,block_size,factors", [(64, 4, 3), (128, 8, 3), (64, 2, 4)])
 def test_boft_butterfly_permutations_are_peft_s(d_in, block_size, factors):
-    from lora_lite.variants.boft import butterfly_perm
     from peft.tuners.boft.layer import BOFTLayer
 
     for level in range(factors):
@@ -277,8 +277,6 @@ def test_boft_rotation_is_orthogonal_and_mixes_beyond_one_block():
     """With m factors a block of b inputs reaches b·2^(m−1) of them, at the parameter cost of m block-diagonals."""
     _, layers = attach(ll.BOFTConfig(block_size=4, butterfly_factor=3), std=0.2)
     a = layers["model.layers.0.self_attn.q_proj"]
-    from lora_lite.variants.boft import cayley, rotate
-
     with torch.no_grad():
         R = rotate(a, torch.eye(64), cayley(a.lora_T))
     torch.testing.assert_close(R @ R.T, torch.eye(64), atol=1e-5, rtol=0)
