@@ -415,7 +415,7 @@ def per_row(model: nn.Module, names: Iterable[str | None]):
     if mixed:
         raise AttachStateError(f"per_row cannot route rows to {mixed}: a weight-rewriting method changes W for the "
                                "whole batch. Run those rows separately with set_active, or merge that adapter")
-    coupled = sorted({n for n in names if n is not None and couples_rows(groups[n][0])})
+    coupled = sorted({n for n in names if n is not None and couples_rows(groups[n][0].cfg)})
     if coupled:
         raise AttachStateError(f"per_row cannot route rows to {coupled}: with this config a row's output depends on "
                                "the other rows of the batch, so no row can run as if alone. Run those rows "

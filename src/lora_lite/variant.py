@@ -150,10 +150,10 @@ def rewrites_weight(variant: type) -> bool:
     return hasattr(variant, "base_delta")
 
 
-def couples_rows(adapter) -> bool:
-    """Whether this adapter's output for one batch row depends on the other rows."""
-    fact = getattr(adapter.variant, "couples_rows", None)
-    return bool(fact(adapter.cfg)) if fact is not None else False
+def couples_rows(cfg: AdapterConfig) -> bool:
+    """Whether, under this config, an adapter's output for one batch row depends on the other rows."""
+    fact = getattr(variant_named(cfg.variant), "couples_rows", None)
+    return bool(fact(cfg)) if fact is not None else False
 
 
 def hook_only_methods() -> list[str]:

@@ -229,8 +229,8 @@ def adapter_delta(model, init_path: Path) -> float:
 def check_training(result: dict) -> None:
     t = result["train"]
     if t["resumed_from_step"] == 0 and not (t["first_grad_norm"] and t["first_grad_norm"] > 0):
-        raise LoraLiteError(f"{result['run_id']}: the first adapter gradient norm is {t['first_grad_norm']}; "
-                            "no gradient reaches the adapter (a zero-gradient init?)")
+        raise LoraLiteError(f"{result['run_id']}: the adapter gradient norm is {t['first_grad_norm']} in the first "
+                            "two steps; no gradient reaches the adapter (a zero-gradient init?)")
     if t["base_grad_leaks"]:
         raise LoraLiteError(f"{result['run_id']}: {t['base_grad_leaks']} base parameters received gradients")
     if not result["adapter_delta"] > 0:
