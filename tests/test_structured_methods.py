@@ -281,3 +281,16 @@ def test_boft_rotation_is_orthogonal_and_mixes_beyond_one_block():
         R = rotate(a, torch.eye(64), cayley(a.lora_T))
     torch.testing.assert_close(R @ R.T, torch.eye(64), atol=1e-5, rtol=0)
     assert int((R[0].abs() > 1e-7).sum()) == 16  # 4 · 2²
+
+
+def test_boft_after_another_adapter_keeps_it_and_merges_to_the_same_model():
+    """BOFT works from the incoming output, so a LoRA before it on the layer survives, hooked and merged alike."""
+    model, _ = attach(ll.LoRAConfig(r=4), std=0.05)
+    ll.attach(model, ll.BOFTConfig(block_size=4, butterfly_factor=2), name="b")
+    perturb(model, seed=2, std=0.1, adapter="b")
+    hooked = logits(model, ids())
+    ll.set_active(model, "b")
+    assert not torch.allclose(logits(model, ids()), hooked, atol=1e-3)  # the LoRA matters
+    ll.set_active(model, ["default", "b"])
+    ll.merge(model)
+    torch.testing.assert_close(logits(model, ids()), hooked, rtol=0, atol=1e-5 * hooked.abs().max().item())

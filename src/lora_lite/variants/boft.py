@@ -6,12 +6,14 @@ the output is rescaled:
     M_i = P_i blockdiag(R_i1 .. R_iD) P_iᵀ   (d_in, d_in), D = d_in/b blocks of b;  P_0 = I, P_i interleaves the
           halves of blocks 2^i apart (PEFT's block_butterfly_perm)
     R_ij = (I − S)(I + S)⁻¹,  S = ½(T_ij − T_ijᵀ)   exact Cayley, T: (m, D, b, b) zeros, trainable
-    y' = s ⊙ (x M_(m−1) ⋯ M_0) Wᵀ + bias            s: (d_out,) ones, trainable
+    y' = s ⊙ (x R Wᵀ) + b,   R = M_(m−1) ⋯ M_0      s: (d_out,) ones, trainable          (PEFT's form)
+computed as y' = y + (s − 1) ⊙ (y − b) + s ⊙ (x (R − I)) Wᵀ from the incoming y, so an adapter before it on the
+layer is kept (and scaled), and T = 0, s = 1 give y' = y exactly: identity at init is exact in every dtype.
 Each factor is applied as a gather, a batched (b, b) product and a gather (b·d_in MACs per token per factor),
-never as PEFT's dense (d_in, d_in) matrix. The rotated input needs its own matmul with W (the base output y
-cannot be reused), d_in·d_out per token; W is read every call (dequantized per call on 4/8-bit layers).
-T = 0 and s = 1 give y' = x Wᵀ + bias: identity at init up to one rounding of the bias add. T has a gradient at
-step 0, s too. Merge: W' = diag(s) W Rᵀ with R = M_(m−1) ⋯ M_0 (bias unchanged); no LoRA export.
+never as PEFT's dense (d_in, d_in) matrix; x (R − I) then needs one more matmul with W, d_in·d_out per token
+(W read every call, dequantized per call on 4/8-bit layers). T and s have a gradient at step 0.
+Merge: W' = diag(s) (W + W₀ (Rᵀ − I)), b' = s ⊙ (b − b₀) + b₀ for the layer's own W₀, b₀ (alone: diag(s) W₀ Rᵀ
+and b₀, as PEFT); no LoRA export.
 The butterfly permutations depend only on the config: `group_setup` builds them on attach and on load.
 Trainable params per layer: m·d_in·b + d_out (PEFT's layout keeps the full b×b of which the skew part acts).
 """
@@ -97,16 +99,22 @@ class BOFT:
 
     @staticmethod
     def added_macs(d_in, d_out, cfg):
-        return cfg.butterfly_factor * cfg.block_size * d_in + d_in * d_out + d_out  # rotations, (xR) Wᵀ, ⊙ s
+        return cfg.butterfly_factor * cfg.block_size * d_in + d_in * d_out + 3 * d_out  # rotations, (xR − x) Wᵀ, ⊙
 
     @staticmethod
     def forward(a, x, y):
         R = cayley(a.master.lora_T).to(x.dtype)  # a (b, b) solve per block, in fp32
-        out = a.lora_s * F.linear(rotate(a, x, R), frozen_weight(a.base, x.dtype))
-        bias = a.base.bias
-        return out if bias is None else out + bias.to(out.dtype)
+        s, bias = a.lora_s, a.base.bias
+        moved = F.linear(rotate(a, x, R) - x, frozen_weight(a.base, x.dtype))
+        wx = y if bias is None else y - bias.to(y.dtype)
+        return y + (s - 1) * wx + s * moved
 
     @staticmethod
     def merged_weight(a, W, bias):
         R = rotate(a, torch.eye(a.d_in, device=W.device), cayley(a.lora_T))  # rows of I: the dense R
-        return a.lora_s.float()[:, None] * (W @ R.T), bias
+        s, W0 = a.lora_s.float(), frozen_weight(a.base, torch.float32)
+        merged = s[:, None] * (W + W0 @ (R.T - torch.eye(a.d_in, device=W.device)))
+        if bias is None:
+            return merged, None
+        b0 = a.base.bias.float()
+        return merged, s * (bias - b0) + b0
