@@ -74,6 +74,16 @@ def train(model, steps: int, rows: int, shard: bool, backward=None) -> None:
         opt.zero_grad()
 
 
+def shares_across_layers(model) -> bool:
+    """Whether one adapter Parameter sits in two decoder blocks (Lily's shared A and experts)."""
+    owner = {}
+    for i, block in enumerate(model.model.layers):
+        for p in block.parameters():
+            if owner.setdefault(id(p), i) != i:
+                return True
+    return False
+
+
 def run(mode: str, variant: str, steps: int, batch: int, out: Path, accelerator=None) -> None:
     model = make_tiny_qwen(seed=0)
     attach(model, variant, seed=1000 + lld.rank())
@@ -88,15 +98,16 @@ def run(mode: str, variant: str, steps: int, batch: int, out: Path, accelerator=
     elif mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
-            fully_shard(layer)
+        if not shares_across_layers(model):  # tensors several blocks share (Lily) must sit in one FSDP group
+            for layer in model.model.layers:
+                fully_shard(layer)
         fully_shard(model)
         train(model, steps, rows, shard=True)
     elif mode == "fsdp1":  # hook adapters mix frozen W and trainable lora_* in one module: use_orig_params=True
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        policy = ModuleWrapPolicy({type(model.model.layers[0])})
+        policy = None if shares_across_layers(model) else ModuleWrapPolicy({type(model.model.layers[0])})
         model = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
         train(model, steps, rows, shard=True)
         with FSDP.summon_full_params(model, writeback=False):  # outside forward FSDP1 holds flat shards

@@ -63,7 +63,7 @@ EXPLICIT: dict[str, Case] = {
     # methods-2: Lily .. BOFT
     # A shared by both layers, B by each group. SGD: Adam would give every expert the same first step (it is
     # scale-invariant and their gradients differ only by the mixture weight), so the router has no gradient
-    "lily": Case(lambda kind: ll.LilyConfig(r=4, stride_a=2), lr=0.5, optimizer=torch.optim.SGD),
+    "lily": Case(lambda kind: ll.LilyConfig(r=4, stride_a=2), lr=0.2, optimizer=torch.optim.SGD),
     "hira": Case(lambda kind: ll.HiRAConfig(r=4), lr=0.1),  # ΔW = W ⊙ BA is as small as W's entries
     "gralora": Case(lambda kind: ll.GraLoRAConfig(r=4, alpha=8, k=2)),  # s = 2, as the lora case
     "abba": Case(lambda kind: ll.ABBAConfig(r=2, alpha=2.0)),

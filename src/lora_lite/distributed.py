@@ -260,7 +260,8 @@ def adapter_entries(model: nn.Module, name: str | None = None) -> dict:
                     raise DistributedError(f"{lname}.{tname} has shape {tuple(t.shape)}, expected {specs[tname].shape}: "
                                            "it is a flattened FSDP1 shard. Call save inside "
                                            "FSDP.summon_full_params(model, writeback=False), or use FSDP2 (fully_shard)")
-                tensors[f"{lname}.{tname}"] = t.to("cpu").contiguous()
+                # copy=True: a tensor several layers share (Lily) is written once per layer, never aliased
+                tensors[f"{lname}.{tname}"] = t.to("cpu", copy=True).contiguous()
         out[n] = (groups[n][0].cfg, list(layers), tensors)
     return out
 
