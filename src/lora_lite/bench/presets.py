@@ -59,6 +59,17 @@ PRESETS = {
                    checkpoint_every=250),
 }
 
+# Rows for an option of a registered method rather than a method of its own, as "name:field=value,...":
+# `lora-lite bench` and `lora-lite cost` run them beside every registered method.
+OPTION_ROWS = ("lora:use_rslora=true",)
+
+
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """'lora:use_rslora=true,alpha=8' -> ('lora', ['use_rslora=true', 'alpha=8'])."""
+    name, _, rest = spec.partition(":")
+    return name, [item for item in rest.split(",") if item]
+
+
 def defaults_row(variant: str) -> dict | None:
     """The method's benchmark defaults, as registered in its own file (`bench = {...}`); None if it has none."""
     return getattr(variant_named(variant), "bench", None)
@@ -71,6 +82,7 @@ class VariantSettings:
     default_lr: float
     default_r: int | None
     notes: list[str]
+    label: str = ""  # the row's name: the method, or its spec with options ("lora:use_rslora=true")
 
 
 def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r: int | None = None,
@@ -96,7 +108,11 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
         kwargs["r"] = r if r is not None else default_r
         if "alpha" in fields and alpha is None:
             table_alpha = row.get("alpha", fields["alpha"].default)
-            alpha = float(kwargs["r"]) if table_alpha in ("r", None) else float(table_alpha) * kwargs["r"] / table_r
+            # keep the table's scale: alpha/r, or alpha/√r for rsLoRA rows
+            rank_ratio = kwargs["r"] / table_r
+            if kwargs.get("use_rslora"):
+                rank_ratio **= 0.5
+            alpha = float(kwargs["r"]) if table_alpha in ("r", None) else float(table_alpha) * rank_ratio
     elif r is not None:
         notes.append(f"{variant} has no rank: --r does not apply to it")
     if "alpha" in fields:
@@ -108,7 +124,7 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
         raise ConfigError(f"{variant}: unknown config fields {unknown} (from --set or the defaults table); "
                           f"{cls.__name__} has {sorted(f for f in fields if f != 'variant')}")
     return VariantSettings(cfg=cls(**kwargs), lr=lr if lr is not None else default_lr, default_lr=default_lr,
-                           default_r=default_r, notes=notes)
+                           default_r=default_r, notes=notes, label=variant)
 
 
 def parse_knobs(items: list[str], variant: str) -> dict:
