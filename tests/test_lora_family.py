@@ -132,8 +132,11 @@ def test_lora_plus_refuses_methods_without_b_and_models_without_adapters():
     with pytest.raises(ll.AttachStateError, match="no adapter"):
         ll.lora_plus_groups(model, lr=1e-3)
     ll.attach(model, ll.IA3Config())
-    with pytest.raises(ll.ConfigError, match=r"\['ia3'\] have no lora_B"):
+    ll.attach(model, ll.LoRAXSConfig(r=4), name="xs")  # its B is a frozen buffer
+    ll.attach(model, ll.LoRAConfig(r=4), name="plain")
+    with pytest.raises(ll.ConfigError, match=r"\['ia3', 'lora_xs'\] train no lora_B"):
         ll.lora_plus_groups(model, lr=1e-3)
+    assert len(ll.lora_plus_groups(model, lr=1e-3, name="plain")) == 2
     with pytest.raises(ll.ConfigError, match="ratio"):
         ll.lora_plus_groups(model, lr=1e-3, ratio=0)
 

@@ -57,9 +57,8 @@ EXPLICIT: dict[str, Case] = {
     "antipasto_corda": Case(lambda kind: ll.AntiPaSTOCorDAConfig(r=8), lr=3e-2),
     "antipasto_asvd": Case(lambda kind: ll.AntiPaSTOASVDConfig(r=8), lr=3e-2),
     "antipasto_dplr": Case(lambda kind: ll.AntiPaSTODPLRConfig(r=8)),
-    # methods-1 (issue 15, first half)
-    # the factors start at W's scale (OLoRA: R's rows) or O(1) (LoRA-GA): s = 1 keeps a perturbed adapter
-    # trained-sized, as for PiSSA
+    # methods-1 (issue 15, first half). Their factors start large (OLoRA: R's rows, at W's scale; LoRA-GA:
+    # orthonormal vectors), so the matrix's perturbation moves s·B A far; s = 1 keeps it trained-sized
     "olora": Case(lambda kind: ll.OLoRAConfig(r=4, alpha=4)),
     "lora_ga": Case(lambda kind: ll.LoRAGAConfig(r=4, alpha=4)),
 }

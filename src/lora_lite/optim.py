@@ -8,8 +8,8 @@ any torch optimizer:
     opt = torch.optim.AdamW(ll.lora_plus_groups(model, lr=2e-4, ratio=16), weight_decay=0.0)
 
 A trainable adapter tensor joins the fast group (lr · ratio) when it is `lora_B` or one-dimensional (DoRA's
-magnitude, DeLoRA's λ, IA3's gates), the rule of the paper's reference code and of PEFT's
-create_loraplus_optimizer; every other one gets lr. tests/test_lora_family.py checks that both give every
+magnitude, DeLoRA's λ), the rule of the paper's reference code and of PEFT's create_loraplus_optimizer; every
+other one gets lr. Adapters that train no B (HRA, IA3, RoAd, LoRA-XS) are refused. tests/test_lora_family.py checks that both give every
 tensor the same learning rate.
 """
 
@@ -35,15 +35,15 @@ def lora_plus_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_de
         raise AttachStateError("lora_plus_groups found no adapter on this model; attach or load one first")
     slow, fast, without_b = [], [], set()
     for a in adapters:
-        if "lora_B" not in a.tensor_names:
+        tensors = {tname: getattr(a, tname) for tname in a.tensor_names}
+        trained = {n: t for n, t in tensors.items() if isinstance(t, nn.Parameter) and t.requires_grad}
+        if "lora_B" not in trained:  # HRA, IA3, RoAd; LoRA-XS, whose B is frozen
             without_b.add(a.variant.name)
-        for tname in a.tensor_names:
-            t = getattr(a, tname)
-            if isinstance(t, nn.Parameter) and t.requires_grad:
-                (fast if tname == "lora_B" or t.ndim == 1 else slow).append(t)
+        for tname, t in trained.items():
+            (fast if tname == "lora_B" or t.ndim == 1 else slow).append(t)
     if without_b:
-        raise ConfigError(f"lora_plus_groups: LoRA+ speeds up the B factor, but {sorted(without_b)} have no lora_B; "
-                          "use one learning rate for them (or pass name= to pick an adapter that has B)")
+        raise ConfigError(f"lora_plus_groups: LoRA+ speeds up the B factor, but {sorted(without_b)} train no "
+                          "lora_B; use one learning rate for them (or pass name= to pick an adapter that has B)")
     extra = {} if weight_decay is None else {"weight_decay": weight_decay}
     groups = [{"params": slow, "lr": lr, **extra}, {"params": fast, "lr": lr * ratio, **extra}]
     return [g for g in groups if g["params"]]

@@ -60,7 +60,8 @@ PRESETS = {
 }
 
 # Rows for an option of a registered method rather than a method of its own, as "name:field=value,...":
-# `lora-lite bench` and `lora-lite cost` run them beside every registered method.
+# `lora-lite bench` and `lora-lite cost` run them beside every registered method, with the method's row of
+# defaults (the rsLoRA row is the lora row, same r, alpha and lr, with s = alpha/√r instead of alpha/r).
 OPTION_ROWS = ("lora:use_rslora=true",)
 
 
@@ -108,11 +109,7 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
         kwargs["r"] = r if r is not None else default_r
         if "alpha" in fields and alpha is None:
             table_alpha = row.get("alpha", fields["alpha"].default)
-            # keep the table's scale: alpha/r, or alpha/√r for rsLoRA rows
-            rank_ratio = kwargs["r"] / table_r
-            if kwargs.get("use_rslora"):
-                rank_ratio **= 0.5
-            alpha = float(kwargs["r"]) if table_alpha in ("r", None) else float(table_alpha) * rank_ratio
+            alpha = float(kwargs["r"]) if table_alpha in ("r", None) else float(table_alpha) * kwargs["r"] / table_r
     elif r is not None:
         notes.append(f"{variant} has no rank: --r does not apply to it")
     if "alpha" in fields:

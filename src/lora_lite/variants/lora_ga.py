@@ -10,14 +10,15 @@ matches full fine-tuning's best rank-2r step; the starting product is taken out 
     A, B start at A0, B0 and train; A0, B0 are frozen buffers, so load rebuilds W_res without data
 
 Why: at init ∇_B = s·G Aᵀ and ∇_A = s·Bᵀ G, so one SGD step changes the adapter by
-−η·s·(∇_B A + B ∇_A) = −η·s²·c²·(G V Vᵀ + U Uᵀ G), which for these factors is −η·s²·c² times the best rank-2r
-approximation of G ("gd": exactly full fine-tuning's step, projected; tests/test_gradient_inits.py checks it).
-The math is the paper's Algorithm 1 and its reference code (Outsider565/LoRA-GA). PEFT 0.21's "lora_ga" init
-differs: its B carries the gradient's singular values (U[:, r:2r]·diag(S)) and its "stable" scale multiplies B
-only, so its first step is not that projection. The knob names, defaults and the gradient estimate (the mean of
-per-batch gradients) are PEFT's; its random direction and "weight_svd" scale are left out. Requires calibration_data whose batches give a loss (lora_lite.calibration.weight_gradients);
-identity holds up to one rounding of W_res. Needs a dense nn.Linear and 2r ≤ min(d_in, d_out).
-Trainable params per layer: r·(d_in + d_out), plus as many frozen.
+−η·s·(∇_B A + B ∇_A) = −η·s²·c²·(G V_A V_Aᵀ + U_B U_Bᵀ G) (V_A, U_B: the vectors A and B took), which is
+−η·s²·c² times the best rank-2r approximation of G ("gd": exactly full fine-tuning's step, projected;
+tests/test_gradient_inits.py checks it). The math is the paper's Algorithm 1 and its reference code
+(Outsider565/LoRA-GA). PEFT 0.21's "lora_ga" init differs: its B carries the gradient's singular values
+(U[:, r:2r]·diag(S)) and its "stable" scale multiplies B only, so its first step is not that projection. The
+knob names, defaults and the gradient estimate (the mean of per-batch gradients) are PEFT's; its random direction
+and "weight_svd" scale are left out. Requires calibration_data whose batches give a loss
+(lora_lite.calibration.weight_gradients); identity holds up to one rounding of W_res. Needs a dense nn.Linear
+and 2r ≤ min(d_in, d_out). Trainable params per layer: r·(d_in + d_out), plus as many frozen.
 """
 
 from dataclasses import dataclass

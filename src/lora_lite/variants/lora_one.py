@@ -14,7 +14,9 @@ LoRA whose factors start on the best rank-r approximation of one full fine-tunin
 The normalisation by σ₁ and γ = 128 follow the reference code (YuanheZ/LoRA-One, "stable" scale); the paper's
 preconditioned optimizer is not part of the init and is left to the training loop. PEFT has no LoRA-One.
 Requires calibration_data whose batches give a loss (lora_lite.calibration.weight_gradients). Reads W's
-gradient, so it needs a dense nn.Linear. Trainable params per layer: r·(d_in + d_out), plus as many frozen.
+gradient, so it needs a dense nn.Linear. Either way it counts as a weight-rewriting method (one per layer, not
+mixable per_row; with take_step=True the rewrite is W − 0). The benchmark runs the paper's setting (take_step,
+rsLoRA, r 8, alpha 16). Trainable params per layer: r·(d_in + d_out), plus as many frozen.
 """
 
 from dataclasses import dataclass
@@ -45,7 +47,8 @@ class LoRAOne:
     config = LoRAOneConfig
     paper = ("Zhang+ 2025", "https://arxiv.org/abs/2502.01235")
     params_per_layer = "r·(d_in + d_out); needs calibration_data with a loss"
-    bench = {"r": 32, "alpha": 16.0, "lr": {"qwen": 2e-4, "stories": 3e-3, "tiny": 1e-2},
+    # the reference code's run: r 8, alpha 16 with rsLoRA, lr 2e-4 on Llama, the step taken
+    bench = {"r": 8, "alpha": 16.0, "lr": {"qwen": 2e-4, "stories": 3e-3, "tiny": 1e-2},
              "knobs": {"use_rslora": True, "take_step": True}}
     needs_dense_weight = True
     requires_calibration = True
