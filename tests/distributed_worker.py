@@ -51,8 +51,9 @@ def global_batch(step: int, rows: int) -> dict[str, torch.Tensor]:
 
 
 def calibration_batches(seed: int) -> list[dict[str, torch.Tensor]]:
-    return [{"input_ids": torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(seed + i))}
-            for i in range(2)]
+    """Random-token batches; labels too, so gradient-based inits (lora_ga, lora_one) get a loss."""
+    ids = [torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(seed + i)) for i in range(2)]
+    return [{"input_ids": t, "labels": t} for t in ids]
 
 
 def attach(model, variant: str, seed: int) -> None:

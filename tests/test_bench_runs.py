@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 import lora_lite as ll  # noqa: E402
 from conftest import require_asset  # noqa: E402
 from lora_lite.bench.cli import main  # noqa: E402
-from lora_lite.bench.presets import PRESETS, variant_settings  # noqa: E402
+from lora_lite.bench.presets import OPTION_ROWS, PRESETS, variant_settings  # noqa: E402
 from lora_lite.bench.run import Bench, Options  # noqa: E402
 from lora_lite.bench.train import Interrupted, StopFlag, latest_checkpoint  # noqa: E402
 from lora_lite.shared_data import gsm8k_file, stories260k_dir  # noqa: E402
@@ -44,11 +44,15 @@ def test_tiny_smoke_every_variant(tmp_path, cache):
             assert result["status"] == "ok" and result["adapter_delta"] > 0 and result["trainable_params"] > 0
             assert len(result["test"]["acc_scores"]) == 8 and (run / "adapter.safetensors").is_file()
             assert not (run / "checkpoint").exists()
-    assert len(_rows(tmp_path)) == len(ll.REGISTRY)
+    for spec in OPTION_ROWS:  # e.g. lora:use_rslora=true, a row of its own
+        assert f"| {spec} |" in table
+        result = json.loads(next(tmp_path.glob(f"tiny-*__{spec.replace(':', '+')}__s2__seed0/result.json")).read_text())
+        assert result["status"] == "ok" and result["config"][spec.split(":")[1].split("=")[0]] is True
+    assert len(_rows(tmp_path)) == len(ll.REGISTRY) + len(OPTION_ROWS)
     assert (tmp_path / "acc_vs_params.png").stat().st_size > 1000
     # a rerun reuses finished runs instead of training again
     assert main([*TINY, "--variants", "lora", "--output-dir", str(tmp_path), "--cache-dir", str(cache)]) == 0
-    assert len(_rows(tmp_path)) == len(ll.REGISTRY)
+    assert len(_rows(tmp_path)) == len(ll.REGISTRY) + len(OPTION_ROWS)
     # ... but never a run made with other settings under the same run_id (alpha is not part of the name)
     assert main([*TINY, "--variants", "lora", "--alpha", "3", "--output-dir", str(tmp_path),
                  "--cache-dir", str(cache)]) == 1

@@ -18,6 +18,7 @@ from lora_lite.cost.measure import (
     build_model,
     cpu_peak_supported,
     peak_step_mb,
+    random_batches,
     trainable_params,
 )
 from lora_lite.cost.peft_map import build_peft_model, peft_config
@@ -113,10 +114,12 @@ def test_trainable_params_match_param_specs_and_peft(tiny_qwen):
     import copy
 
     shared = [n for n, method in ll.REGISTRY.items() if hasattr(method, "peft")]
+    calibration = random_batches(tiny_qwen.config.vocab_size, 2, 2, 16, "cpu", 0)
     for spec in (f"{n}:group_size=16" if n == "road" else n for n in shared):
         cfg = parse_variant(spec, 4, None, (ll.ALL_LINEAR,))
         ours = copy.deepcopy(tiny_qwen)
-        ll.attach(ours, cfg)
+        needs_data = getattr(ll.REGISTRY[cfg.variant], "requires_calibration", False)
+        ll.attach(ours, cfg, calibration_data=calibration if needs_data else None)
         by_spec, counted = 0, set()  # a tensor several layers share (Lily) counts once
         for a in adapter_layers(ours).values():
             for tname, s in ll.REGISTRY[cfg.variant].param_specs(a.d_in, a.d_out, cfg).items():

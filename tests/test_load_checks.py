@@ -182,7 +182,7 @@ def test_adapter_names_and_keys_must_agree(blob, model, tmp_path):
 
 @pytest.mark.parametrize("fields,error,match", [
     (dict(variant="no_such_variant"), ll.UnknownVariantError, "not registered"),
-    (dict(variant="ia3"), ll.CheckpointError, "unknown fields \\['alpha', 'r'\\]"),
+    (dict(variant="ia3"), ll.CheckpointError, "unknown fields \\['alpha', 'r', 'use_rslora'\\]"),
     (dict(variant=...), ll.CheckpointError, "no 'variant' string"),
     (dict(r="2"), ll.CheckpointError, "LoRAConfig.r must be int"),
     (dict(r=True), ll.CheckpointError, "LoRAConfig.r must be int"),

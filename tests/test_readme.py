@@ -30,3 +30,15 @@ def test_several_adapters_section_runs_after_the_quickstart(tmp_path):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "adapters: ['math', 'math_07']" in out.stdout
+
+
+def test_lora_family_options_section_runs_after_the_quickstart(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    quickstart = next(b for b in blocks if "ll.attach" in b and "ll.load" in b)
+    prelude = quickstart.split("\nmodel = base_model()")[0]  # the imports and base_model(), not the training
+    options = next(b for b in blocks if "ll.lora_plus_groups" in b)
+    script = tmp_path / "options.py"
+    script.write_text(prelude + "\nbatch = torch.randint(0, 256, (4, 32))\n" + options)
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "lr per group: [0.0002, 0.0032] lora_ga layers: 14" in out.stdout

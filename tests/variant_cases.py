@@ -74,6 +74,10 @@ EXPLICIT: dict[str, Case] = {
     "oft": Case(lambda kind: ll.OFTConfig(block_size=road_group_size(kind))),  # divides every d_in too
     # two butterfly factors: b·2 must divide every d_in (stories' down_proj reads 172 = 4·43)
     "boft": Case(lambda kind: ll.BOFTConfig(block_size=4 if kind == "qwen" else 2, butterfly_factor=2)),
+    # methods-1 (issue 15, first half). Their factors start large (OLoRA: R's rows, at W's scale; LoRA-GA:
+    # orthonormal vectors), so the matrix's perturbation moves s·B A far; s = 1 keeps it trained-sized
+    "olora": Case(lambda kind: ll.OLoRAConfig(r=4, alpha=4)),
+    "lora_ga": Case(lambda kind: ll.LoRAGAConfig(r=4, alpha=4)),
 }
 
 
@@ -98,7 +102,8 @@ def attach_case(model: nn.Module, name: str, kind: str, adapter: str = "default"
 
 def gsm8k_batches(model: nn.Module, n_batches: int = 2, batch_size: int = 4, max_length: int = 40,
                   split: str = "train") -> list[dict[str, torch.Tensor]]:
-    """GSM8K questions through the stories260K tokenizer, left-padded: [{input_ids, attention_mask}, ...].
+    """GSM8K questions through the stories260K tokenizer, left-padded: [{input_ids, attention_mask, labels}, ...]
+    (labels = input_ids with -100 on padding, so gradient-based inits get the model's next-token loss).
 
     Rows are taken in file order, so the batches are the same on every run. The tiny Qwen's vocabulary (128) is
     smaller than the tokenizer's (512): its ids are folded modulo the vocabulary, which keeps real text's
@@ -111,5 +116,6 @@ def gsm8k_batches(model: nn.Module, n_batches: int = 2, batch_size: int = 4, max
     for i in range(n_batches):
         text = [r["question"] for r in rows[i * batch_size:(i + 1) * batch_size]]
         enc = tok(text, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        batches.append({"input_ids": enc["input_ids"] % vocab, "attention_mask": enc["attention_mask"]})
+        ids, mask = enc["input_ids"] % vocab, enc["attention_mask"]
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
     return batches

@@ -1,7 +1,8 @@
 """Typed adapter configs.
 
 `AdapterConfig` holds what every method shares: the storage dtype of the adapter tensors and the targeting
-fields. `RankConfig` adds r, `LowRankConfig` r and alpha (s = alpha / r), for the methods that have them. Each method subclasses one of them in
+fields. `RankConfig` adds r, `LowRankConfig` r and alpha (s = alpha / r, or alpha / √r with
+use_rslora), for the methods that have them. Each method subclasses one of them in
 its own file and adds its own knobs; its registration (lora_lite.variant.register) sets the config's `variant`
 name, so a config only carries the fields its method uses. `to_dict`/`from_dict` round-trip a config through
 JSON so a checkpoint can rebuild it without pickle. Every field is checked against its annotation on
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -128,13 +130,19 @@ class RankConfig(AdapterConfig):
 
 @dataclass
 class LowRankConfig(RankConfig):
-    """alpha        scale numerator: additive methods use s = alpha / r."""
+    """alpha        scale numerator: additive methods use s = alpha / r.
+    use_rslora   rank-stabilized scaling, s = alpha / √r (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor
+                 for Fine-Tuning with LoRA", arXiv 2312.03732): with alpha / r the update shrinks as r grows, so high
+                 ranks learn slowly; alpha / √r keeps its size independent of r. PEFT's `use_rslora`. Every method
+                 that uses `scale` honours it; one whose strength is not alpha-based refuses it in its `check`.
+    """
 
     alpha: float = 16.0
+    use_rslora: bool = dataclasses.field(default=False, kw_only=True)
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 def config_class(variant: str) -> type[AdapterConfig]:

@@ -10,17 +10,16 @@ W_merged − W_original: LoRA and DeLoRA at rank r, PiSSA at rank 2r ([B, −B0]
 PEFT converts it), HRA at rank r (A = Y, B = −W Yᵀ T). Variants whose change is full rank (DoRA, IA3,
 IA3-FF, RoAd) are refused; merge() them instead. Factors are written in fp32.
 
-import_peft reads a LoRA directory into our `lora` variant with the same r and scale (rsLoRA's α/√r is
-folded into alpha). Targets come from the tensor keys, so PEFT's target_modules/layers_to_transform rules
-never need re-implementing. Config fields that change the math (use_dora, bias, rank/alpha patterns,
-modules_to_save, ...) are refused, as are adapters that expect a rewritten base (PiSSA/OLoRA/CorDA/LoftQ
-saved without conversion). Tensors are upcast to fp32, like PEFT's default autocast_adapter_dtype=True.
+import_peft reads a LoRA directory into our `lora` variant with the same r, lora_alpha and use_rslora. Targets
+come from the tensor keys, so PEFT's target_modules/layers_to_transform rules never need re-implementing. Config
+fields that change the math (use_dora, bias, rank/alpha patterns, modules_to_save, ...) are refused, as are
+adapters that expect a rewritten base (PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA saved without conversion). Tensors are
+upcast to fp32, like PEFT's default autocast_adapter_dtype=True.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -45,7 +44,7 @@ _HARMLESS = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_mod
              "layers_to_transform", "layers_pattern", "lora_dropout", "init_lora_weights", "loftq_config",
              "eva_config", "corda_config", "lora_ga_config", "megatron_core", "qalora_group_size",
              "runtime_config", "ensure_weight_tying"}
-_REWRITES_BASE = ("pissa", "olora", "corda", "loftq")
+_REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @torch.no_grad()
@@ -106,7 +105,7 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defa
         tensors = load_file(str(src / WEIGHTS_FILE))
     except (json.JSONDecodeError, SafetensorError, OSError) as e:
         raise CheckpointError(f"{str(src)!r} is not a readable PEFT adapter ({e})") from None
-    r, alpha = _check_config(conf, src)
+    r, alpha, rslora = _check_config(conf, src)
     per_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         m = _KEY.fullmatch(key)
@@ -121,12 +120,12 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defa
         raise CheckpointError(f"{str(src)!r}: modules without both lora_A and lora_B: {incomplete[:5]}")
     check_finite(tensors, src)
     names = sorted(per_module)
-    cfg = LoRAConfig(r=r, alpha=alpha, target_names=tuple(f"^{re.escape(n)}$" for n in names))
+    cfg = LoRAConfig(r=r, alpha=alpha, use_rslora=rslora, target_names=tuple(f"^{re.escape(n)}$" for n in names))
     state_dict = {f"{n}.{k}": t for n, d in per_module.items() for k, t in d.items()}
     return attach_entries(model, {name: (cfg, names, state_dict)}, source=str(src))
 
 
-def _check_config(conf: dict, src: Path) -> tuple[int, float]:
+def _check_config(conf: dict, src: Path) -> tuple[int, float, bool]:
     if conf.get("peft_type") != "LORA":
         raise ConversionError(f"{str(src)!r} is a PEFT {conf.get('peft_type')!r} adapter; only LORA can be imported")
     init = conf.get("init_lora_weights")
@@ -139,7 +138,8 @@ def _check_config(conf: dict, src: Path) -> tuple[int, float]:
                                   "lora-lite's lora variant does not reproduce; only plain LoRA (bias='none', no "
                                   "DoRA, no rank/alpha patterns, no modules_to_save) can be imported")
     r, alpha = conf.get("r"), conf.get("lora_alpha")
-    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{str(src)!r} has r={r!r}, lora_alpha={alpha!r}; expected a positive int and a number")
-    # rsLoRA scales by alpha/√r; our scale is alpha/r, so alpha·√r gives the same factor.
-    return r, float(alpha) * math.sqrt(r) if conf.get("use_rslora") else float(alpha)
+    rslora = conf.get("use_rslora") or False  # null in hand-written configs means off
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or not isinstance(rslora, bool):
+        raise CheckpointError(f"{str(src)!r} has r={r!r}, lora_alpha={alpha!r}, use_rslora={rslora!r}; expected a "
+                              "positive int, a number and a bool")
+    return r, float(alpha), rslora

@@ -53,6 +53,8 @@ Facts the rest of the package reads (optional unless noted)
                                                 (Lily's batch-mean router); per_row refuses such an adapter
     peft(cfg, target_names) -> (PeftConfig, label) | None
                                                 PEFT's equivalent, for the parity tests and the cost report
+    peft_prepare(peft_model, cfg)               what PEFT does to its model beyond the config to get the same
+                                                method (LoRA-FA: freeze lora_A, as create_lorafa_optimizer does)
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import distributed as lld
 from ..errors import ConfigError, LoraLiteError
-from .presets import PRESETS, lr_grid, parse_knobs, variant_settings
+from .presets import OPTION_ROWS, PRESETS, lr_grid, parse_knobs, split_spec, variant_settings
 from .train import Interrupted, StopFlag
 
 
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", choices=("benchmark", "probe"), default="benchmark",
                     help="probe: a few steps, then check that a perturbed adapter moves the logits and that "
                          "save/load reproduces the trained model")
-    ap.add_argument("--variants", nargs="+", default=None, help="variant names (default: every registered one)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="variant names, or 'name:field=value,...' for a row with options (default: every "
+                         "registered one, plus " + ", ".join(OPTION_ROWS) + ")")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds; ≥2 gives 95%% CIs")
     ap.add_argument("--lr-sweep", action="store_true",
                     help="run a log-spaced lr grid around each variant's default lr (first seed), pick the best "
@@ -124,11 +126,14 @@ def _main(args) -> int:
         raise ConfigError(f"{lld.world_size()} processes need --mode benchmark and a --batch-size divisible by "
                           f"{lld.world_size()} (each rank trains on a shard of every micro-batch); got --mode "
                           f"{args.mode}, batch size {preset.batch_size}")
-    variants = args.variants or sorted(ll.REGISTRY)
-    unknown = [v for v in variants if v not in ll.REGISTRY]
+    variants = args.variants or [*sorted(ll.REGISTRY), *OPTION_ROWS]
+    unknown = [v for v in variants if split_spec(v)[0] not in ll.REGISTRY]
     if unknown:
         raise ConfigError(f"unknown variants {unknown}; registered: {sorted(ll.REGISTRY)}")
-    _check_knobs(args.set, variants)
+    _check_knobs(args.set, [split_spec(v)[0] for v in variants])
+    for spec in variants:
+        name, items = split_spec(spec)
+        _check_knobs(items, [name])
     out = args.output_dir or Path("outputs") / "bench" / preset.name
     opt = Options(preset=preset, output_dir=Path(out), cache_dir=args.cache_dir or default_cache_dir(),
                   device=args.device, pretrain_steps=args.pretrain_steps, overwrite=args.overwrite)
@@ -154,10 +159,13 @@ def _main(args) -> int:
     return 0
 
 
-def _settings(args, variant, preset, lr=None):
-    return variant_settings(variant, preset, lr=lr if lr is not None else args.lr, r=args.r, alpha=args.alpha,
-                            targets=tuple(args.targets) if args.targets else None,
-                            knobs=parse_knobs(args.set, variant))
+def _settings(args, spec, preset, lr=None):
+    variant, options = split_spec(spec)
+    vs = variant_settings(variant, preset, lr=lr if lr is not None else args.lr, r=args.r, alpha=args.alpha,
+                          targets=tuple(args.targets) if args.targets else None,
+                          knobs=parse_knobs([*args.set, *options], variant))
+    vs.label = spec
+    return vs
 
 
 def _run_variant(bench, variant, args, stop) -> list[dict]:

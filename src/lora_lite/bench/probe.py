@@ -42,7 +42,9 @@ def probe_one(bench, vs, stop, reload_tol: float) -> dict:
     batches = bench.train_batches(0)
     variant = ll.REGISTRY[vs.cfg.variant]
     data_driven = getattr(variant, "requires_calibration", False) or hasattr(variant, "group_init")
-    calibration = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches[:4]] if data_driven else None
+    # labels too: gradient-based inits (lora_ga, lora_one) start from the training loss's gradient
+    calibration = ([{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in batches[:4]]
+                   if data_driven else None)
     model = copy.deepcopy(bench.model)
     torch.manual_seed(0)
     attach_or_resume(model, vs.cfg, run_dir, calibration)

@@ -148,7 +148,8 @@ class Bench:
 
     # ---- one run -------------------------------------------------------------------------------------------
     def run_id(self, vs: VariantSettings, seed: int) -> str:
-        rid = f"{self.model_tag}__{vs.cfg.variant}__s{self.p.steps}__seed{seed}"
+        row = vs.label.replace(":", "+").replace(",", "+")  # lora:use_rslora=true -> lora+use_rslora=true
+        rid = f"{self.model_tag}__{row}__s{self.p.steps}__seed{seed}"
         if getattr(vs.cfg, "r", None) != vs.default_r:
             rid += f"__r{vs.cfg.r}"
         if vs.lr != vs.default_lr:
@@ -175,7 +176,8 @@ class Bench:
         batches = self.train_batches(seed)
         variant = ll.REGISTRY[cfg.variant]
         data_driven = getattr(variant, "requires_calibration", False) or hasattr(variant, "group_init")
-        calibration = ([{k: b[k].to(self.opt.device) for k in ("input_ids", "attention_mask")}
+        # labels too: gradient-based inits (lora_ga, lora_one) start from the training loss's gradient
+        calibration = ([{k: b[k].to(self.opt.device) for k in ("input_ids", "attention_mask", "labels")}
                         for b in batches[:CALIBRATION_BATCHES]] if data_driven else None)
         model = copy.deepcopy(self.model)
         torch.manual_seed(seed)
@@ -185,7 +187,7 @@ class Bench:
         n_trainable = sum(p_.numel() for _, p_ in trainable_named(model))
         settings = TrainSettings(steps=p.steps, lr=vs.lr, grad_accum=p.grad_accum,
                                  checkpoint_every=p.checkpoint_every)
-        result = {"run_id": run_dir.name, "variant": cfg.variant, "preset": p.name, "model": p.model, "seed": seed,
+        result = {"run_id": run_dir.name, "variant": vs.label, "preset": p.name, "model": p.model, "seed": seed,
                   "lr": vs.lr, "default_lr": vs.default_lr, "r": getattr(cfg, "r", None),
                   "alpha": getattr(cfg, "alpha", None), "config": cfg.to_dict(),
                   "targets": list(ll.runtime.adapter_layers(model)), "trainable_params": n_trainable,

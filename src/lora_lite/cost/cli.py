@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..bench.presets import OPTION_ROWS
 from ..config import ALL_LINEAR, config_class
 from ..errors import ConfigError
 from .macs import added_macs, linear_macs
@@ -38,7 +39,8 @@ from .measure import (
 PRESETS = {"anchor": ModelShape(), "qwen3-0.6b": QWEN3_0_6B}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # pissa defaults to the randomized SVD; the exact one is the other row PEFT has (init_lora_weights="pissa").
-EXTRA_ROWS = ("pissa:svd=full",)
+# OPTION_ROWS (rsLoRA) are the benchmark's rows for options of a method.
+EXTRA_ROWS = ("pissa:svd=full", *OPTION_ROWS)
 
 
 def default_variants() -> list[str]:

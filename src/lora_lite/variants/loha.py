@@ -2,7 +2,7 @@
 Learning", arXiv 2108.06098, as adapted by LyCORIS (Yeh et al. 2024, arXiv 2309.14859). Matches PEFT's LoHa.
 
 The update is the Hadamard product of two rank-r matrices, so its rank reaches r²:
-    ΔW = s · (B1 A1) ⊙ (B2 A2),   s = alpha / r
+    ΔW = s · (B1 A1) ⊙ (B2 A2),   s = alpha / r   (alpha / √r with use_rslora)
     B1, B2: (d_out, r)   A1, A2: (r, d_in)   all kaiming-uniform except A2 = 0 (PEFT's hada_w2_b), all trainable
 PEFT's names: hada_w1_a = B1, hada_w1_b = A1, hada_w2_a = B2, hada_w2_b = A2.
 Identity at init is exact because A2 = 0; A2 trains from step 0, the rest from step 1.
@@ -13,6 +13,7 @@ Exactly low-rank: exports as a plain LoRA of rank r² (A⋆, B⋆, s). Same form
 Hook-only: works on quantized layers. Trainable params per layer: 2r·(d_in + d_out).
 """
 
+import math
 from dataclasses import dataclass
 
 from ..config import LowRankConfig
@@ -23,6 +24,12 @@ from .abba import add_hadamard, hadamard_macs, khatri_rao
 @dataclass
 class LoHaConfig(LowRankConfig):
     alpha: float = 8.0
+
+
+def lycoris_alpha(cfg) -> float:
+    """The alpha that gives PEFT's LyCORIS layers (LoHa, LoKr: s = alpha / r, no rsLoRA option) our scale:
+    with use_rslora, s = alpha / √r = (alpha·√r) / r."""
+    return cfg.alpha * math.sqrt(cfg.r) if cfg.use_rslora else cfg.alpha
 
 
 @register
@@ -39,7 +46,7 @@ class LoHa:
     def peft(cfg, targets):
         import peft
 
-        return peft.LoHaConfig(r=cfg.r, alpha=cfg.alpha, target_modules=list(targets)), "LoHaConfig"
+        return peft.LoHaConfig(r=cfg.r, alpha=lycoris_alpha(cfg), target_modules=list(targets)), "LoHaConfig"
 
     @staticmethod
     def param_specs(d_in, d_out, cfg):

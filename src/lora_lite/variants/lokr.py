@@ -3,7 +3,7 @@ Evaluation", arXiv 2309.14859. Matches PEFT's LoKr (linear layers, decompose_bot
 
 The update is a Kronecker product of a small full matrix and a (low-rank) larger one:
     d_out = a·b, d_in = c·e           PEFT's factorization(dim, decompose_factor), a ≤ b and c ≤ e by default
-    ΔW = s · W1 ⊗ W2,   s = alpha / r,   W1: (a, c) zeros, trainable
+    ΔW = s · W1 ⊗ W2,   s = alpha / r (alpha / √r with use_rslora),   W1: (a, c) zeros, trainable
     W2: (b, e) kaiming when r ≥ max(b, e)/2, else W2 = W2a W2b with W2a (b, r), W2b (r, e) kaiming (PEFT's rule)
 Applied without building ΔW: with x cut into a (c, e) matrix X (row-major), ΔW x = vec(W1 X W2ᵀ), so a token
 costs c·e·b + a·c·b MACs (full W2) instead of PEFT's d_in·d_out after a per-call kron.
@@ -19,6 +19,7 @@ import torch
 from ..config import LowRankConfig
 from ..errors import ConfigError
 from ..variant import ParamSpec, register
+from .loha import lycoris_alpha
 
 
 @dataclass
@@ -59,7 +60,7 @@ class LoKr:
     def peft(cfg, targets):
         import peft
 
-        return (peft.LoKrConfig(r=cfg.r, alpha=cfg.alpha, decompose_factor=cfg.decompose_factor,
+        return (peft.LoKrConfig(r=cfg.r, alpha=lycoris_alpha(cfg), decompose_factor=cfg.decompose_factor,
                                 target_modules=list(targets)), "LoKrConfig")
 
     @staticmethod
