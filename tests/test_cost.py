@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import lora_lite as ll
-from lora_lite.cost.cli import _typed, parse_variant
 from lora_lite.cost.cli import main as cost_main
+from lora_lite.cost.cli import parse_variant
 from lora_lite.cost.macs import added_macs, layer_added_macs, linear_macs
 from lora_lite.cost.measure import (
     ModelShape,
@@ -152,9 +152,9 @@ def test_parse_variant_sets_fields_and_rejects_unknown_ones():
         parse_variant("lora:nosuch=1", 4, None, (ll.ALL_LINEAR,))
     with pytest.raises(ll.UnknownVariantError):
         parse_variant("notavariant", 4, None, (ll.ALL_LINEAR,))
-    assert _typed(False, "True", "x:flag=True") is True and _typed(True, "false", "x:flag=false") is False
+    assert parse_variant("antipasto_gain:suppress_only=True", 4, None, (ll.ALL_LINEAR,)).suppress_only is True
     with pytest.raises(ll.ConfigError, match="true or false"):
-        _typed(False, "yes", "x:flag=yes")
+        parse_variant("antipasto_gain:suppress_only=yes", 4, None, (ll.ALL_LINEAR,))
 
 
 @pytest.mark.skipif(cpu_peak_supported() is not None, reason="CPU peak memory needs Linux /proc and glibc")

@@ -13,11 +13,8 @@ The runs are derandomized and use no example database, so CI sees the same 560 e
 from __future__ import annotations
 
 import json
-import os
-import re
 import struct
 import tracemalloc
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,10 +24,10 @@ from hypothesis import strategies as st
 import lora_lite as ll
 from adapter_files import join, saved_adapter, split
 from conftest import fresh_model
+from memory_use import peak_growth, require_rss_tracking
 from model_state import assert_unchanged, fingerprint
 
 MEMORY_BOUND = 64 * 2**20
-CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def fuzz_settings(n):
@@ -40,10 +37,7 @@ def fuzz_settings(n):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if not CLEAR_REFS.exists():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI=true but /proc/self/clear_refs is missing: the memory bound cannot be checked")
-        pytest.skip("peak-memory checks need Linux's /proc/self/clear_refs")
+    require_rss_tracking()
     model = fresh_model("qwen")
     blob = saved_adapter()
     path = tmp_path_factory.mktemp("fuzz") / "adapter.safetensors"
@@ -51,10 +45,6 @@ def env(tmp_path_factory):
     ll.load(model, path)  # warm up every code path once, so lazy allocations do not count as growth
     ll.detach(model)
     return model, fingerprint(model), blob, path
-
-
-def _rss(field):
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 RUNS: dict[str, int] = {}
@@ -65,14 +55,16 @@ def load_and_check(env, data: bytes, test: str) -> ll.LoraLiteError | None:
     RUNS[test] = RUNS.get(test, 0) + 1
     model, before, _, path = env
     path.write_bytes(data)
-    CLEAR_REFS.write_text("5")  # reset the RSS high-water mark to the current RSS
-    start = _rss("VmRSS")
-    error = None
-    try:
-        ll.load(model, path)
-    except ll.LoraLiteError as e:
-        error = e
-    growth = _rss("VmHWM") - start
+    errors = []
+
+    def run():
+        try:
+            ll.load(model, path)
+        except ll.LoraLiteError as e:
+            errors.append(e)
+
+    growth = peak_growth(run)
+    error = errors[0] if errors else None
     if error is None:
         ll.detach(model)
     assert_unchanged(model, before)

@@ -104,8 +104,7 @@ def test_import_bf16_adapter_is_upcast_like_peft(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     ({"use_dora": True}, "use_dora"),
     ({"bias": "lora_only"}, "bias"),
-    ({"rank_pattern": {"q_proj": 2}}, "rank_pattern"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"lora_bias": True}, "lora_bias"),
 ])
 def test_import_refuses_what_it_cannot_reproduce(kwargs, match, tmp_path):
     peft_dir, _ = peft_lora(tmp_path, **kwargs)

@@ -158,7 +158,7 @@ class FakeQuantLinear(nn.Module):
 
 
 @pytest.mark.parametrize("make_cfg,error", [
-    (lambda: ll.LoRAConfig(r=65), ll.ConfigError),                       # r > min(d_in, d_out) = 64
+    (lambda: ll.PiSSAConfig(r=65), ll.ConfigError),                      # r > min(d_in, d_out) = 64
     (lambda: ll.HRAConfig(r=3), ll.ConfigError),                         # odd r
     (lambda: ll.RoadConfig(group_size=48), ll.ConfigError),              # does not divide d_out
     (lambda: ll.DeLoRAConfig(r=4, lambda0=0.0), ll.ConfigError),

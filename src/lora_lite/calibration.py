@@ -9,7 +9,9 @@ where it is nonzero count. The capture hooks are removed and every module's trai
 `finally`, so a failing batch leaves nothing behind.
 
 Only second moments are kept, never the tokens: per target C = Σ x xᵀ / n, (d_in, d_in) in fp32 on CPU
-(or just its diagonal). That is all the variants need: EVA's top right singular vectors of X are C's top
+(or just its diagonal). Moments that are not finite (NaN/inf inputs, or inputs whose squares overflow fp32)
+are refused with a CalibrationError before any method decomposes them, and so are gradients that are not
+(weight_gradients). That is all the variants need: EVA's top right singular vectors of X are C's top
 eigenvectors, CorDA whitens with C, ASVD with diag(C). The product x xᵀ is formed on the activation's device
 and then moved to CPU, and layers that read the same tensor (q/k/v, gate/up) share one product.
 """
@@ -77,7 +79,13 @@ def input_moments(model: nn.Module, layers: list[nn.Module], data: Iterable | No
         if n < min_tokens:
             raise CalibrationError(f"{variant}: layer {names.get(id(layer), '?')!r} saw {n} non-padding calibration "
                                    f"tokens, fewer than r={min_tokens}; pass more or longer calibration batches, or lower r")
-    return [g / n for g, n in zip(grams, counts, strict=True)]
+    moments = [g / n for g, n in zip(grams, counts, strict=True)]
+    for layer, C in zip(layers, moments, strict=True):
+        if not torch.isfinite(C).all():  # an eigh or SVD of it would fail or fill the adapter with NaN
+            raise CalibrationError(f"{variant}: the calibration inputs of layer {names.get(id(layer), '?')!r} hold "
+                                   "NaN/inf, or values too large for fp32 second moments (|x| above ~1e19); check "
+                                   "the calibration batches and the model's activations on them")
+    return moments
 
 
 def weight_gradients(model: nn.Module, layers: list[nn.Module], data: Iterable | None, *, min_tokens: int,
@@ -136,7 +144,13 @@ def weight_gradients(model: nn.Module, layers: list[nn.Module], data: Iterable |
             raise CalibrationError(f"{variant}: layer {names.get(id(layer), '?')!r} saw {n} non-padding calibration "
                                    f"tokens, fewer than the {min_tokens} singular vectors its init takes from the "
                                    "gradient; pass more or longer calibration batches, or lower r")
-    return [total / batches for total in sums]
+    means = [total / batches for total in sums]
+    for layer, G in zip(layers, means, strict=True):
+        if not torch.isfinite(G).all():  # its SVD would fail or fill the adapter with NaN
+            raise CalibrationError(f"{variant}: the calibration gradient of layer {names.get(id(layer), '?')!r} holds "
+                                   "NaN/inf, or values too large for fp32 (from NaN/inf inputs or a loss that "
+                                   "overflows); check the calibration batches and the model's loss on them")
+    return means
 
 
 def _loss(output, variant: str) -> torch.Tensor:

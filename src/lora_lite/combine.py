@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import ConfigError, ConversionError
 from .io import attach_entries
-from .runtime import adapters_by_name, check_new_name
+from .runtime import adapter_extras, adapters_by_name, check_new_name
 from .svd import top_r_svd
 from .variants.lora import LoRAConfig
 
@@ -45,6 +45,10 @@ def add_weighted(model: nn.Module, weights: dict[str, float], name: str, how: st
         if not hasattr(groups[n][0].variant, "lora_factors"):
             raise ConversionError(f"add_weighted: {n!r} ({groups[n][0].variant.name}) has no low-rank form "
                                   "(lora_factors), so its change cannot be added as a LoRA; merge it instead")
+        if any(a.kind == "experts" for a in groups[n]) or adapter_extras(model, n):
+            raise ConversionError(f"add_weighted: {n!r} adapts expert parameters / trains whole modules or token "
+                                  "rows, which have no single low-rank ΔW per layer to combine; combine the other "
+                                  "adapters, or merge")
     per_layer: dict[nn.Module, list[tuple[float, torch.Tensor, torch.Tensor]]] = {}
     for n, w in weights.items():
         for a in groups[n]:
@@ -61,7 +65,7 @@ def add_weighted(model: nn.Module, weights: dict[str, float], name: str, how: st
         tensors[f"{lname}.lora_B"] = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1).cpu()
         targets.append(lname)
     cfg = LoRAConfig(r=rank, alpha=float(rank), target_names=tuple(f"^{re.escape(t)}$" for t in targets))
-    attach_entries(model, {name: (cfg, targets, tensors)}, source=f"add_weighted({sorted(weights)})")
+    attach_entries(model, {name: (cfg, targets, tensors, {})}, source=f"add_weighted({sorted(weights)})")
     return name
 
 

@@ -30,8 +30,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import DistributedError
-from .io import write_adapter
-from .runtime import CONTAINER, adapter_layers, adapters_by_name, apply_residual, iter_adapters
+from .io import entry_info, file_key, write_adapter
+from .runtime import adapter_layers, adapters_by_name, apply_residual, iter_adapters, stored_shape
 
 
 def is_distributed() -> bool:
@@ -243,7 +243,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def adapter_entries(model: nn.Module, name: str | None = None) -> dict:
-    """{adapter name: (config, targets, full CPU tensors keyed `<layer>.<lora tensor>`)} for one adapter (None: all),
+    """{adapter name: (config, targets, full CPU tensors keyed `<layer>.<lora tensor>`, info)} for one adapter (None: all),
     as io.write_adapter takes it. Collective under FSDP2: call on all ranks."""
     model = unwrap(model)
     groups = adapters_by_name(model)
@@ -256,20 +256,22 @@ def adapter_entries(model: nn.Module, name: str | None = None) -> dict:
                 t = getattr(a, tname).detach()
                 if _is_dtensor(t):
                     t = t.full_tensor()
-                if tuple(t.shape) != tuple(specs[tname].shape):
-                    raise DistributedError(f"{lname}.{tname} has shape {tuple(t.shape)}, expected {specs[tname].shape}: "
+                want = stored_shape(a.base, specs[tname].shape)
+                if tuple(t.shape) != want:
+                    raise DistributedError(f"{lname}.{tname} has shape {tuple(t.shape)}, expected {want}: "
                                            "it is a flattened FSDP1 shard. Call save inside "
                                            "FSDP.summon_full_params(model, writeback=False), or use FSDP2 (fully_shard)")
                 # copy=True: a tensor several layers share (Lily) is written once per layer, never aliased
                 tensors[f"{lname}.{tname}"] = t.to("cpu", copy=True).contiguous()
-        out[n] = (groups[n][0].cfg, list(layers), tensors)
+        info, extra_tensors = entry_info(model, n, layers)
+        out[n] = (groups[n][0].attached_cfg, list(layers), tensors | extra_tensors, info)
     return out
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """Full CPU copies of the adapter tensors, keyed as save() writes them. Collective under FSDP2."""
-    return {f"{lname}.{CONTAINER}.{n}.{tname}": t for n, (_, _, tensors) in adapter_entries(model, name).items()
-            for key, t in tensors.items() for lname, tname in [key.rsplit(".", 1)]}
+    return {file_key(key, n): t for n, (_, _, tensors, _) in adapter_entries(model, name).items()
+            for key, t in tensors.items()}
 
 
 def save(model: nn.Module, path: str | os.PathLike, src: int = 0, name: str | None = None) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .variant import REGISTRY, rewrites_weight
+from .variant import REGISTRY, layer_kinds, rewrites_weight
 
 START, END = "<!-- methods:start (python -m lora_lite.docs_tables) -->", "<!-- methods:end -->"
 
@@ -28,13 +28,13 @@ def peft_label(method: type) -> str:
 
 
 def method_table() -> str:
-    rows = ["| name | config | paper | trainable params per layer (d_in → d_out) | on 4/8-bit bases | PEFT |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| name | config | paper | trainable params per layer (d_in → d_out) | layer kinds | on 4/8-bit bases | PEFT |",
+            "|---|---|---|---|---|---|---|"]
     for name in sorted(REGISTRY):
         m = REGISTRY[name]
         label, url = m.paper
         rows.append(f"| `{name}` | `{m.config.__name__}` | [{label}]({url}) | {m.params_per_layer} | "
-                    f"{quantized_support(m)} | {peft_label(m)} |")
+                    f"{', '.join(layer_kinds(m))} | {quantized_support(m)} | {peft_label(m)} |")
     return "\n".join(rows)
 
 

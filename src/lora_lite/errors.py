@@ -47,3 +47,13 @@ class ConversionError(LoraLiteError, ValueError):
 
 class DistributedError(LoraLiteError, RuntimeError):
     """Ranks disagree (different adapters attached), a batch cannot be sharded evenly, or a launcher env is incomplete."""
+
+
+class SkippedLayersWarning(UserWarning):
+    """all-linear left out layers that cannot take the adapter (they would never run or would crash); the message
+    lists them with the reason. Not an error: the rest of the model is adapted."""
+
+
+class UnsavedParametersWarning(UserWarning):
+    """save() found trainable parameters that belong to no adapter (e.g. a head unfrozen by hand): they are not in
+    the file, so a reload would differ. Train such modules with the config's modules_to_save instead."""

@@ -43,6 +43,10 @@ Merge and export (optional)
 
 Facts the rest of the package reads (optional unless noted)
     paper = (label, url)                        for the README's method table (required)
+    layer_kinds = ("linear", "conv", ...)       the layer kinds the method's math is right for (lora_lite.layer_kinds:
+                                                linear, conv1d_gpt2, conv, embedding, experts); default
+                                                ("linear",). attach refuses another kind, naming the method,
+                                                the layer and these kinds; all-linear skips it and says so
     params_per_layer = "r·(d_in + d_out)"       trainable numbers per adapted layer, for the same table (required)
     added_macs(d_in, d_out, cfg) -> int         forward multiply-accumulates per token added to one layer
                                                 (matmuls and elementwise products; per-call work such as DoRA's
@@ -69,6 +73,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .errors import ConfigError, UnknownVariantError
+from .layer_kinds import KIND_NAMES
 
 InitFn = Callable[[torch.Tensor], Any]
 
@@ -132,9 +137,23 @@ def register(cls: type) -> type:
     bench = getattr(cls, "bench", None)
     if bench is not None and (not isinstance(bench, dict) or set(bench) - _BENCH_KEYS or "lr" not in bench):
         raise ConfigError(f"method {name!r}: `bench` must be a dict with 'lr' and only keys {sorted(_BENCH_KEYS)}")
+    kinds = getattr(cls, "layer_kinds", DEFAULT_KINDS)
+    if not (isinstance(kinds, tuple) and "linear" in kinds and set(kinds) <= set(KIND_NAMES)
+            and len(set(kinds)) == len(kinds)):
+        raise ConfigError(f"method {name!r}: `layer_kinds` must be a tuple of distinct kinds from {KIND_NAMES} "
+                          f"that includes 'linear', got {kinds!r}")
     config.variant = name
     REGISTRY[name] = cls
     return cls
+
+
+DEFAULT_KINDS = ("linear",)
+
+
+def layer_kinds(variant: type) -> tuple[str, ...]:
+    """The layer kinds a method supports, in lora_lite.layer_kinds order."""
+    declared = getattr(variant, "layer_kinds", DEFAULT_KINDS)
+    return tuple(k for k in KIND_NAMES if k in declared)
 
 
 def variant_named(name: str) -> type:
@@ -167,5 +186,6 @@ def check_rank(d_in: int, d_out: int, cfg: Any) -> None:
     """Shared check for methods whose r indexes a low-rank factor of a (d_out, d_in) weight."""
     fits = min(d_in, d_out)
     if cfg.r > fits:
-        raise ConfigError(f"{cfg.variant}: r={cfg.r} exceeds min(d_in, d_out)={fits} of a {d_in}->{d_out} layer; "
-                          f"pass r<={fits}, or exclude that layer with exclude_names / target_names")
+        raise ConfigError(f"{cfg.variant}: r={cfg.r} exceeds min(d_in, d_out)={fits} of a {d_in}->{d_out} layer, and "
+                          f"the method takes r from that layer's singular vectors: pass r<={fits} for that layer "
+                          "(rank_pattern), or exclude that layer with exclude_names / target_names")

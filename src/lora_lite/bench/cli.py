@@ -1,32 +1,39 @@
-"""`lora-lite bench`: train and score every registered variant, then write results.md and a params plot.
+"""`lora-lite bench`: train and score registered variants, then write results.md, results.json and a params plot.
 
     lora-lite bench                                   # tiny preset, every variant, seed 0 (no download)
-    lora-lite bench --preset stories --seeds 0 1 2    # stories260K on GSM8K, mean ± 95% CI over 3 seeds
+    lora-lite bench --full                            # the published table: lr sweep on seed 0, seeds 0 1 2
+    lora-lite bench --preset stories --full           # stories260K on GSM8K from ../shared, same protocol
     lora-lite bench --variants lora dora --lr-sweep   # pick each variant's lr on valid, report test there
-    lora-lite bench --preset qwen --device cuda       # the prototype's real run (GPU)
+    lora-lite bench --preset qwen                     # Qwen3.5-0.8B-Base on MetaMathQA -> GSM8K (GPU)
     lora-lite bench --mode probe --variants lora      # quick train / perturb / save / reload proof
+    lora-lite bench --plan-only ...                   # print what a session would do and its ETA, then stop
     torchrun --nproc_per_node 2 -m lora_lite.cli bench --variants lora   # DDP: each rank trains on a shard of
                                                       # every batch and scores a slice of each eval set; rank 0 writes
+
+Every session prints its plan (methods x lrs x seeds, sizes, device, an ETA) before it starts. Bad values are
+refused in one line (exit 2) before any work; a failed run is reported and the session goes on (exit 1 at the
+end); Ctrl-C or SIGTERM writes a checkpoint (exit 130 / 143) that the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from .. import distributed as lld
-from ..errors import ConfigError, LoraLiteError
-from .presets import OPTION_ROWS, PRESETS, lr_grid, parse_knobs, split_spec, variant_settings
-from .train import Interrupted, StopFlag
+from ..cli_args import CliParser, nonnegative_int, positive_float, positive_int, threads, usage_error
+from ..errors import LoraLiteError
+from .presets import OPTION_ROWS, PRESETS
+from .train import Interrupted
+
+PROG = "lora-lite bench"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lora-lite bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                     help="tiny: embedded model and task, CPU, no download (default); stories: stories260K on "
                          "GSM8K from ../shared; qwen: Qwen3.5-0.8B-Base on MetaMathQA -> GSM8K (GPU)")
@@ -36,68 +43,80 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", nargs="+", default=None,
                     help="variant names, or 'name:field=value,...' for a row with options (default: every "
                          "registered one, plus " + ", ".join(OPTION_ROWS) + ")")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds; ≥2 gives 95%% CIs")
+    ap.add_argument("--full", action="store_true",
+                    help="the published table: --lr-sweep --seeds 0 1 2 (every variant unless --variants)")
+    ap.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None,
+                    help="training seeds (default 0); >= 2 gives 95%% CIs and the two-level test")
     ap.add_argument("--lr-sweep", action="store_true",
-                    help="run a log-spaced lr grid around each variant's default lr (first seed), pick the best "
-                         "on valid, then run the other seeds there")
-    ap.add_argument("--lr-points", type=int, default=5, help="lr grid size for --lr-sweep")
-    ap.add_argument("--lr-decades", type=float, default=1.0, help="grid spans default·10^(±this) decades")
+                    help="run a log-spaced lr grid around each variant's lr on the first seed, pick the best on "
+                         "valid, then run the other seeds there")
+    ap.add_argument("--lr-points", type=positive_int, default=None, help="lr grid size for --lr-sweep (default 5)")
+    ap.add_argument("--lr-decades", type=positive_float, default=None,
+                    help="the grid spans lr·10^(±this) (default 1)")
     g = ap.add_argument_group("overrides (default: the preset's / the variant table's value)")
-    g.add_argument("--model", help="hub id or local model dir")
+    g.add_argument("--model", help="hub id or local model folder")
     g.add_argument("--train-data", help="hub dataset id, .jsonl, or folder with train.jsonl")
     g.add_argument("--eval-data", help="GSM8K-style hub id or folder with train.jsonl and test.jsonl")
     g.add_argument("--forget-data", help="'self' (base-generated text), .jsonl with 'text', or hub id[:config]")
-    g.add_argument("--steps", type=int, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, help="micro-batch size")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    g.add_argument("--max-seq-length", type=int)
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--batch-size-eval", type=int)
-    g.add_argument("--max-valid", type=int, help="validation questions (default 50)")
-    g.add_argument("--max-test", type=int, help="first N test questions (default: the preset's)")
-    g.add_argument("--checkpoint-every", type=int, help="write a resumable checkpoint every N steps (0: only "
-                                                          "on Ctrl-C)")
-    g.add_argument("--lr", type=float, help="learning rate for every selected variant")
-    g.add_argument("--r", type=int, help="rank for every selected variant (alpha follows the table's alpha/r)")
-    g.add_argument("--alpha", type=float)
+    g.add_argument("--steps", type=positive_int, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, help="micro-batch size")
+    g.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
+    g.add_argument("--max-seq-length", type=positive_int, help="longer examples are left out and counted")
+    g.add_argument("--max-new-tokens", type=positive_int)
+    g.add_argument("--batch-size-eval", type=positive_int)
+    g.add_argument("--max-valid", type=positive_int, help="validation questions (default 50)")
+    g.add_argument("--max-test", type=positive_int, help="first N test questions that fit (default: the preset's)")
+    g.add_argument("--checkpoint-every", type=nonnegative_int,
+                   help="write a resumable checkpoint every N steps (0: only on Ctrl-C / SIGTERM)")
+    g.add_argument("--lr", type=positive_float, help="learning rate for every selected variant (the sweep's center)")
+    g.add_argument("--r", type=positive_int, help="rank for every selected variant (alpha follows the table's alpha/r)")
+    g.add_argument("--alpha", type=positive_float)
     g.add_argument("--targets", nargs="+", help="target regexes, e.g. 'down_proj$'")
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="variant config knobs, e.g. lambda0=0.1 group_size=32 (applied where the field exists)")
-    g.add_argument("--pretrain-steps", type=int, help="tiny preset: pre-training steps of the base (cached)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--dtype", help="model dtype (float32, bfloat16)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (use 1 on a busy machine)")
+                   help="variant config fields, e.g. lambda0=0.1 group_size=32 dtype=bfloat16 (applied to the "
+                        "selected variants that have the field; typed by the field)")
+    g.add_argument("--pretrain-steps", type=positive_int, help="tiny preset: pre-training steps of the base (cached)")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu; default), cpu, cuda, cuda:N")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="the base model's dtype (adapters stay float32 unless --set dtype=...)")
+    ap.add_argument("--threads", type=threads, default="auto",
+                    help="torch CPU threads; auto (default) uses the cores the load average leaves free")
     ap.add_argument("--output-dir", type=Path, help="default: outputs/bench/<preset>")
     ap.add_argument("--cache-dir", type=Path, help="tiny base cache (default ~/.cache/lora-lite or "
                                                    "$LORA_LITE_CACHE)")
     ap.add_argument("--overwrite", action="store_true", help="rerun runs that already have a result.json")
-    ap.add_argument("--reload-tol", type=float, default=2e-2, help="probe: max |Δlogit| after save/load")
+    ap.add_argument("--reload-tol", type=positive_float, default=None,
+                    help="probe: max |Δlogit| after save/load (default 0.02)")
+    ap.add_argument("--plan-only", action="store_true", help="print the plan and its ETA, and stop")
     return ap
 
 
-def preset_from_args(args):
-    fields = {f.name for f in dataclasses.fields(PRESETS[args.preset])}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and k not in ("name", "targets") and v is not None}
-    if args.mode == "probe":
-        overrides.setdefault("steps", 5)
-        overrides.setdefault("max_test", 10)
-        overrides.setdefault("max_valid", 10)
-        overrides.setdefault("max_new_tokens", 16)
-    return dataclasses.replace(PRESETS[args.preset], **overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    lld.init_from_env()  # under torchrun / accelerate launch; a no-op in one process
-    quiet = contextlib.nullcontext() if lld.is_main_process() else contextlib.redirect_stdout(open(os.devnull, "w"))
+    from .plan import resolve
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        plan = resolve(args)
+    except LoraLiteError as e:
+        return usage_error(PROG, e)
+    lld.init_from_env()  # under torchrun / accelerate launch; a no-op in one process
+    try:
+        if lld.world_size() > 1:
+            try:
+                plan = _per_rank(plan)
+            except LoraLiteError as e:
+                return usage_error(PROG, e)
+        quiet = contextlib.nullcontext() if lld.is_main_process() else contextlib.redirect_stdout(open(os.devnull, "w"))
         with quiet:  # rank 0 reports for everyone
-            return _main(args)
+            from .session import run_session
+            return run_session(plan, argv, args.plan_only)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
-        return 130
+        return e.exit_code
     except LoraLiteError as e:
-        print(f"lora-lite bench: {e}", file=sys.stderr)
+        print(f"{PROG}: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     finally:
         if lld.is_distributed():
@@ -105,102 +124,17 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def _main(args) -> int:
-    import torch
+def _per_rank(plan):
+    """Several processes: one GPU per rank, and checks that need the world size."""
+    import dataclasses
 
-    import lora_lite as ll
+    from ..errors import ConfigError
 
-    from . import probe as probe_mod
-    from .report import write_report
-    from .run import Bench, Options, default_cache_dir
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but CUDA is not available; pass --device cpu")
-    if args.device == "cuda" and lld.is_distributed():
-        args.device = str(lld.device())  # one GPU per rank: cuda:LOCAL_RANK
-    preset = preset_from_args(args)
-    if lld.world_size() > 1 and (args.mode == "probe" or preset.batch_size % lld.world_size()):
-        raise ConfigError(f"{lld.world_size()} processes need --mode benchmark and a --batch-size divisible by "
-                          f"{lld.world_size()} (each rank trains on a shard of every micro-batch); got --mode "
-                          f"{args.mode}, batch size {preset.batch_size}")
-    variants = args.variants or [*sorted(ll.REGISTRY), *OPTION_ROWS]
-    unknown = [v for v in variants if split_spec(v)[0] not in ll.REGISTRY]
-    if unknown:
-        raise ConfigError(f"unknown variants {unknown}; registered: {sorted(ll.REGISTRY)}")
-    _check_knobs(args.set, [split_spec(v)[0] for v in variants])
-    for spec in variants:
-        name, items = split_spec(spec)
-        _check_knobs(items, [name])
-    out = args.output_dir or Path("outputs") / "bench" / preset.name
-    opt = Options(preset=preset, output_dir=Path(out), cache_dir=args.cache_dir or default_cache_dir(),
-                  device=args.device, pretrain_steps=args.pretrain_steps, overwrite=args.overwrite)
-    bench = Bench(opt)
-    stop = StopFlag()
-    previous = stop.install_sigint()
-    try:
-        if args.mode == "probe":
-            return probe_mod.run_probes(bench, variants, args, stop)
-        base = bench.base_result()
-        runs = []
-        for variant in variants:
-            runs += _run_variant(bench, variant, args, stop)
-    finally:
-        import signal
-        signal.signal(signal.SIGINT, previous)
-    if not lld.is_main_process():
-        return 0
-    title = f"{preset.name}: {bench.model_tag}, {preset.steps} steps x {preset.batch_size * preset.grad_accum}"
-    table, png = write_report(opt.output_dir, base, runs, preset.metric, title)
-    print("\n" + table)
-    print(f"results: {opt.output_dir / 'results.md'}  plot: {png}  runs: {opt.output_dir / 'summary.tsv'}")
-    return 0
-
-
-def _settings(args, spec, preset, lr=None):
-    variant, options = split_spec(spec)
-    vs = variant_settings(variant, preset, lr=lr if lr is not None else args.lr, r=args.r, alpha=args.alpha,
-                          targets=tuple(args.targets) if args.targets else None,
-                          knobs=parse_knobs([*args.set, *options], variant))
-    vs.label = spec
-    return vs
-
-
-def _run_variant(bench, variant, args, stop) -> list[dict]:
-    vs = _settings(args, variant, bench.p)
-    for note in vs.notes:
-        print(f"note: {note}")
-    runs = []
-    if args.lr_sweep:
-        grid = lr_grid(vs.lr, args.lr_points, args.lr_decades)
-        for lr in grid:
-            runs.append(_one(bench, _settings(args, variant, bench.p, lr), args.seeds[0], stop))
-        from .report import pick_lr
-        best = pick_lr(runs, bench.p.metric)
-        print(f"{variant}: lr grid {grid} -> best on valid {best:g}")
-        vs = _settings(args, variant, bench.p, best)
-        seeds = args.seeds[1:]
-    else:
-        seeds = args.seeds
-    for seed in seeds:
-        runs.append(_one(bench, vs, seed, stop))
-    return runs
-
-
-def _one(bench, vs, seed, stop) -> dict:
-    r = bench.run(vs, seed, stop=stop)
-    if r["status"] == "ok":
-        key = "acc" if bench.p.metric == "em" else "nll"
-        print(f"{r['run_id']}: test {key} {r['test'][key]:.4g} valid {r['valid'][key]:.4g} "
-              f"params {r['trainable_params']:,} forgetting {r['forgetting']:+.4f} ({r['wall_time_s']:.0f}s)")
-    return r
-
-
-def _check_knobs(items, variants):
-    from ..config import config_class
-    for item in items:
-        key = item.partition("=")[0]
-        if not any(key in {f.name for f in dataclasses.fields(config_class(v))} for v in variants):
-            raise ConfigError(f"--set {key}: no selected variant has a config field {key!r}")
+    world = lld.world_size()
+    if plan.mode == "probe" or plan.preset.batch_size % world:
+        raise ConfigError(f"{world} processes need --mode benchmark and a --batch-size divisible by {world} (each "
+                          f"rank trains on a shard of every micro-batch); got --mode {plan.mode}, batch size "
+                          f"{plan.preset.batch_size}")
+    if plan.device.startswith("cuda"):
+        plan = dataclasses.replace(plan, device=str(lld.device()))
+    return plan

@@ -2,20 +2,34 @@
 
 A method's benchmark settings live in its registration (`bench` in its file; lora_lite.variant): its learning
 rate per preset, r, alpha (a number, or "r" for alpha = r) and, when they differ from the preset's, its targets
-and config knobs. A registered method with no `bench` still runs: it gets its config class's r/alpha/targets
-and LoRA's lr, and `variant_settings` says so. Presets cap r at `max_r` for their small models, scaling alpha to keep
-alpha/r.
+and config knobs. Bench code reads them only through `defaults_row`. A registered method with no `bench` still
+runs: it gets its config class's r/alpha/targets and LoRA's lr, and `variant_settings` says so. Presets cap r at
+`max_r` for their small models, scaling alpha to keep alpha/r.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import ALL_LINEAR, AdapterConfig, config_class
 from ..errors import ConfigError
 from ..shared_data import gsm8k_file, stories260k_dir
 from ..variant import variant_named
+
+
+@dataclass(frozen=True)
+class ReferenceTiming:
+    """Seconds for the preset's defaults on a 2-core CPU with 2 torch threads, for the plan's ETA. Measured on
+    the project's shared 2-core machine (other sessions' niced jobs running beside it) with
+    `lora-lite bench --threads 2` (tiny, all 16 methods: 5 min 9 s in all) and
+    `lora-lite bench --preset stories --variants lora pissa dora --threads 2` (2 min 28 s); train_s and eval_s
+    are the means over those runs of result.json's train_time_s and of the rest of wall_time_s. Single
+    methods range from 0.5x (IA3) to 3.5x (DoRA on tiny) of the mean."""
+    pretrain_s: float     # the tiny base's pre-training, once per cache dir
+    session_s: float      # loading model and data, scoring the untrained base
+    train_s: float        # one run's training at the preset's steps x batch
+    eval_s: float         # one run's scoring (valid + test + forgetting)
 
 
 @dataclass(frozen=True)
@@ -29,29 +43,31 @@ class Preset:
     steps: int
     batch_size: int
     grad_accum: int
-    max_seq_length: int
+    max_seq_length: int             # longer examples are left out (counted in the log and result.json)
     max_new_tokens: int
     batch_size_eval: int
     targets: tuple[str, ...]
     max_test: int | None = None
     max_valid: int = 50
     max_r: int | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"          # the base model's dtype (adapters keep fp32 master tensors unless --set dtype=)
     forget_data: str = "self"       # "self": text the base samples itself; else hub id / .jsonl with "text"
     forget_n: int = 32
     forget_len: int = 96
     checkpoint_every: int = 0
-    extra: dict = field(default_factory=dict)
+    timing: ReferenceTiming | None = None
 
 
 PRESETS = {
     "tiny": Preset("tiny", model="tiny", train_data="tiny", eval_data="tiny", eval_config=None, metric="em",
                    steps=150, batch_size=16, grad_accum=1, max_seq_length=128, max_new_tokens=16,
-                   batch_size_eval=200, targets=(ALL_LINEAR,), max_test=200, max_r=8, forget_len=64),
+                   batch_size_eval=200, targets=(ALL_LINEAR,), max_test=200, max_r=8, forget_len=64,
+                   timing=ReferenceTiming(pretrain_s=45.0, session_s=3.0, train_s=8.6, eval_s=0.8)),
     "stories": Preset("stories", model=str(stories260k_dir()), train_data=str(gsm8k_file("train")),
-                      eval_data=str(gsm8k_file("train").parent), eval_config=None, metric="nll", steps=100,
-                      batch_size=8, grad_accum=1, max_seq_length=512, max_new_tokens=128, batch_size_eval=64,
-                      targets=(r"down_proj$",), max_r=8),
+                      eval_data=str(gsm8k_file("train").parent), eval_config=None, metric="nll", steps=60,
+                      batch_size=8, grad_accum=1, max_seq_length=512, max_new_tokens=64, batch_size_eval=64,
+                      targets=(r"down_proj$",), max_test=200, max_r=8,
+                      timing=ReferenceTiming(pretrain_s=0.0, session_s=15.0, train_s=26.0, eval_s=9.0)),
     "qwen": Preset("qwen", model="Qwen/Qwen3.5-0.8B-Base", train_data="meta-math/MetaMathQA",
                    eval_data="openai/gsm8k", eval_config="main", metric="em", steps=2500, batch_size=2,
                    grad_accum=4, max_seq_length=512, max_new_tokens=300, batch_size_eval=16,
@@ -76,14 +92,17 @@ def defaults_row(variant: str) -> dict | None:
     return getattr(variant_named(variant), "bench", None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class VariantSettings:
     cfg: AdapterConfig
     lr: float
     default_lr: float
     default_r: int | None
-    notes: list[str]
+    notes: tuple[str, ...]
     label: str = ""  # the row's name: the method, or its spec with options ("lora:use_rslora=true")
+
+    def at_lr(self, lr: float) -> VariantSettings:
+        return dataclasses.replace(self, lr=lr)
 
 
 def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r: int | None = None,
@@ -121,28 +140,7 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
         raise ConfigError(f"{variant}: unknown config fields {unknown} (from --set or the defaults table); "
                           f"{cls.__name__} has {sorted(f for f in fields if f != 'variant')}")
     return VariantSettings(cfg=cls(**kwargs), lr=lr if lr is not None else default_lr, default_lr=default_lr,
-                           default_r=default_r, notes=notes, label=variant)
-
-
-def parse_knobs(items: list[str], variant: str) -> dict:
-    """--set key=value pairs, typed after the config field's default (int, float, bool, str)."""
-    cls = config_class(variant)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        if key not in fields:
-            continue  # a knob of another variant in the same invocation
-        default = fields[key].default
-        if isinstance(default, bool):
-            out[key] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            out[key] = type(default)(float(raw)) if isinstance(default, int) else float(raw)
-        else:
-            out[key] = raw
-    return out
+                           default_r=default_r, notes=tuple(notes), label=variant)
 
 
 def lr_grid(center: float, points: int, decades: float) -> list[float]:

@@ -36,21 +36,21 @@ def perturb_effect(model, batch) -> tuple[str, float]:
     return f"the first entry of all {len(params)} trainable tensors", (after - before).abs().max().item()
 
 
-def probe_one(bench, vs, stop, reload_tol: float) -> dict:
+def probe_one(bench, vs, stop, reload_tol: float, label: str) -> dict:
     run_dir = bench.opt.output_dir / f"probe__{bench.run_id(vs, 0)}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a probe always starts fresh
-    batches = bench.train_batches(0)
+    batches, _ = bench.train_batches(0)
     variant = ll.REGISTRY[vs.cfg.variant]
     data_driven = getattr(variant, "requires_calibration", False) or hasattr(variant, "group_init")
     # labels too: gradient-based inits (lora_ga, lora_one) start from the training loss's gradient
-    calibration = ([{k: b[k] for k in ("input_ids", "attention_mask", "labels")} for b in batches[:4]]
-                   if data_driven else None)
+    calibration = ([{k: b[k].to(bench.opt.device) for k in ("input_ids", "attention_mask", "labels")}
+                    for b in batches[:4]] if data_driven else None)
     model = copy.deepcopy(bench.model)
     torch.manual_seed(0)
     attach_or_resume(model, vs.cfg, run_dir, calibration)
     inputs = {k: batches[0][k].to(bench.opt.device) for k in ("input_ids", "attention_mask", "position_ids")}
     stats = train(model, batches, TrainSettings(steps=bench.p.steps, lr=vs.lr, grad_accum=bench.p.grad_accum),
-                  run_dir, stop=stop)
+                  run_dir, stop=stop, label=f"{label}: train")
     model.eval()
     name, moved = perturb_effect(model, inputs)
     if not moved > 1e-7:
@@ -61,7 +61,7 @@ def probe_one(bench, vs, stop, reload_tol: float) -> dict:
         trained = model(**inputs).logits.float()
     fresh = copy.deepcopy(bench.model)
     ll.load(fresh, path)
-    (_, _, saved), = ll.io.read_adapter_file(path).values()
+    (_, _, saved, _), = ll.io.read_adapter_file(path).values()
     reloaded_layers = ll.runtime.adapter_layers(fresh)
     mismatched = [k for k, t in saved.items()
                   if not torch.equal(getattr(reloaded_layers[k.rsplit(".", 1)[0]], k.rsplit(".", 1)[1]).cpu(), t)]
@@ -78,11 +78,11 @@ def probe_one(bench, vs, stop, reload_tol: float) -> dict:
     return result
 
 
-def run_probes(bench, variants, args, stop) -> int:
-    from .cli import _settings
-    for variant in variants:
-        r = probe_one(bench, _settings(args, variant, bench.p), stop, args.reload_tol)
-        print(f"probe {variant}: perturb {r['perturbed']} moved logits {r['perturb_logit_delta']:.3g}; "
+def run_probes(bench, methods, stop, reload_tol: float) -> int:
+    for k, method in enumerate(methods, 1):
+        label = f"[{k}/{len(methods)}] probe {method.variant}"
+        r = probe_one(bench, method.settings, stop, reload_tol, label)
+        print(f"{label}: perturb {r['perturbed']} moved logits {r['perturb_logit_delta']:.3g}; "
               f"{r['saved_tensors']} tensors reloaded bit-equal; reload |Δlogit| {r['reload_max_logit_diff']:.2g}; "
-              f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
+              f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}", flush=True)
     return 0

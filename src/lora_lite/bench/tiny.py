@@ -12,7 +12,8 @@ skills the base has. The base mostly guesses the operation and the format; an ad
 
 Everything is built in code: a character tokenizer, a small Llama from a transformers config, and its
 pre-training on generated text. Pre-training is deterministic (fixed seeds, fixed data) and its weights are
-cached under the cache dir keyed by a hash of every setting, so later runs skip it.
+cached under the cache dir keyed by a hash of every setting and of the torch and transformers versions (another
+version pre-trains another base), so later runs skip it. A cached file is used only if every tensor fits.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from ..io import atomic_write_bytes
 from .protocol import format_example
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-=#?.,:\n"
 MAX_OPERAND = 9
 TEST_POOL = 400
+VALID_POOL = 200  # the most --max-valid can ask for; training draws avoid all of them
 NAMES = ("Ann", "Bob", "Eva", "Max", "Sue", "Tom", "Lea", "Sam")
 OBJECTS = ("coins", "pens", "cards", "apples", "books", "shells")
 PLUS_VERBS = ("gets {b} more", "finds {b}", "buys {b} more", "wins {b}")
@@ -90,16 +93,20 @@ def task_example(rng: random.Random) -> dict:
 
 
 def task_rows(split: str, n: int, seed: int = 0) -> list[dict]:
-    """Held-out-task rows. Splits use disjoint RNG streams, and test questions never appear in train/valid."""
+    """Held-out-task rows. Splits use disjoint RNG streams; test questions appear in no other split and valid
+    questions in no training draw, so no seed trains on what it is scored on."""
     offsets = {"train": 1, "valid": 2, "test": 3}
     if split not in offsets:
         raise ValueError(f"split must be one of {sorted(offsets)}, got {split!r}")
     if split == "test" and n > TEST_POOL:
         raise ValueError(f"the tiny test split holds {TEST_POOL} questions; asked for {n}")
-    test = {r["question"] for r in _draw(task_example, 10_003, TEST_POOL)} if split != "test" else set()
+    held = set() if split == "test" else {r["question"] for r in _draw(task_example, 10_003, TEST_POOL)}
+    if split == "train":
+        held |= {r["question"] for r in _draw(task_example, 10_002, VALID_POOL, exclude=held)}
+    if split == "valid" and n > VALID_POOL:
+        raise ValueError(f"the tiny valid split holds {VALID_POOL} questions; asked for {n}")
     rng_seed = 10_000 + offsets[split] if split != "train" else 20_000 + seed
-    rows = _draw(task_example, rng_seed, n + len(test), exclude=test)
-    return rows[:n]
+    return _draw(task_example, rng_seed, n, exclude=held)
 
 
 def _draw(make, seed: int, n: int, exclude: set = frozenset()) -> list[dict]:
@@ -124,8 +131,14 @@ class TinySpec:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "chars": CHARS, "max_operand": MAX_OPERAND, "v": 2}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+        """Every setting of the pre-training and the libraries that compute it: another torch or transformers
+        gives another base, so it gets another cache entry (and another run id)."""
+        return hashlib.sha1(json.dumps(self.cache_record(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def cache_record(self) -> dict:
+        from .env import identity
+        libraries = {k: v for k, v in identity("cpu").items() if k != "device"}  # pre-training runs on the CPU
+        return {**asdict(self), "chars": CHARS, "max_operand": MAX_OPERAND, "v": 3, **libraries}
 
 
 def build_model(spec: TinySpec, tok: CharTokenizer):
@@ -139,22 +152,51 @@ def build_model(spec: TinySpec, tok: CharTokenizer):
     return LlamaForCausalLM(cfg)
 
 
+TIED_HEAD = "lm_head.weight"  # the output head shares the input embeddings (tie_word_embeddings)
+
+
+def cached(spec: TinySpec, cache_dir: Path) -> bool:
+    return (Path(cache_dir) / f"tiny-base-{spec.key()}.safetensors").is_file()
+
+
 def pretrained_base(spec: TinySpec, cache_dir: Path, log=print):
     """The pre-trained tiny base (model in eval mode, tokenizer), from the cache or trained now and cached."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     tok = CharTokenizer()
     model = build_model(spec, tok)
     path = Path(cache_dir) / f"tiny-base-{spec.key()}.safetensors"
     if path.is_file():
-        model.load_state_dict(load_file(str(path)), strict=False)  # strict=False: the tied lm_head is not stored
+        _load_cached(model, path, spec)
         log(f"tiny base: loaded from cache {path}")
         return model.eval(), tok
     log(f"tiny base: pre-training {spec.pretrain_steps} steps (once; cached at {path})")
     _pretrain(model, tok, spec)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    atomic_write_bytes(path, save(state, metadata={"spec": json.dumps(asdict(spec))}))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != TIED_HEAD}
+    atomic_write_bytes(path, save(state, metadata={"spec": json.dumps(spec.cache_record(), sort_keys=True)}))
     return model.eval(), tok
+
+
+def _load_cached(model, path: Path, spec: TinySpec) -> None:
+    """Load the cached base; every tensor must be there with its shape (only the tied head is not stored)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    fix = f"delete {path} and rerun to pre-train it again"
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = json.loads((f.metadata() or {}).get("spec", "null"))
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"the cached tiny base {path} is unreadable ({e}); {fix}") from None
+    if stored != spec.cache_record():
+        raise CheckpointError(f"the cached tiny base {path} was made with other settings ({stored}); {fix}")
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != TIED_HEAD}
+    found = {k: v.shape for k, v in state.items()}
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        raise CheckpointError(f"the cached tiny base {path} does not fit the model ({wrong[:4]}); {fix}")
+    model.load_state_dict(state, strict=False)  # the one key left out is the tied head, checked above
 
 
 def _pretrain(model, tok: CharTokenizer, spec: TinySpec) -> None:
@@ -168,7 +210,7 @@ def _pretrain(model, tok: CharTokenizer, spec: TinySpec) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, spec.pretrain_steps, warmup=50))
     model.train()
     from tqdm.auto import tqdm
-    bar = tqdm(batches, desc="pretrain tiny base", unit="step", mininterval=2.0)
+    bar = tqdm(batches, desc="tiny base: pre-training", unit="step", mininterval=2.0)
     for batch in bar:
         # Pre-training supervises the question too, so the base also models its own domain's prompts.
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -1,8 +1,10 @@
 """`lora-lite cost`: a markdown cost table for every registered variant, beside the frozen-base floor and PEFT.
 
-    lora-lite cost --compare-peft --out cost_cpu.md              # the CPU anchor (the defaults)
+    lora-lite cost --compare-peft --out cost_cpu.md              # the CPU anchor shape, with PEFT's twins
     lora-lite cost --preset qwen3-0.6b --device cuda --dtype bfloat16 --compare-peft
-    lora-lite cost --variants lora hra pissa:svd=lowrank          # a subset; name:field=value sets config fields
+    lora-lite cost --variants lora hra pissa:svd=lowrank,niter=2  # a subset; name:field=value,... sets config fields
+
+Bad values are refused in one line (exit 2) before anything is built or measured.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import gc
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -20,8 +23,18 @@ from pathlib import Path
 import torch
 
 from ..bench.presets import OPTION_ROWS
+from ..cli_args import (
+    CliParser,
+    check_output_file,
+    nonnegative_int,
+    parse_knob,
+    positive_float,
+    positive_int,
+    split_knob,
+    usage_error,
+)
 from ..config import ALL_LINEAR, config_class
-from ..errors import ConfigError
+from ..errors import ConfigError, LoraLiteError
 from .macs import added_macs, linear_macs
 from .measure import (
     QWEN3_0_6B,
@@ -49,8 +62,13 @@ def default_variants() -> list[str]:
     return sorted(lora_lite.REGISTRY) + list(EXTRA_ROWS)
 
 
+_KNOB_SPLIT = re.compile(r",(?=\s*[A-Za-z_]\w*\s*=)")  # a comma that starts the next field=value
+
+
 def parse_variant(spec: str, r: int, alpha: float | None, targets: tuple[str, ...]):
-    """'name' or 'name:field=value,field=value' -> that variant's config, targeting `targets` at rank r."""
+    """'name' or 'name:field=value,field=value' -> that variant's config, targeting `targets` at rank r.
+    Values are typed by the field's annotation, the same rule as `lora-lite bench --set` (cli_args.parse_knob);
+    a list-valued field takes commas too (`layers=0,1`)."""
     name, _, rest = spec.partition(":")
     cls = config_class(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -59,58 +77,73 @@ def parse_variant(spec: str, r: int, alpha: float | None, targets: tuple[str, ..
         kwargs["r"] = r
     if alpha is not None and "alpha" in fields:
         kwargs["alpha"] = alpha
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in fields:
-            raise ConfigError(f"variant spec {spec!r}: {item!r} is not field=value with a field of {cls.__name__} "
-                              f"({sorted(fields)})")
-        kwargs[key] = _typed(getattr(cls, key, None), value, spec)
+    for item in filter(None, _KNOB_SPLIT.split(rest)):
+        key, value = split_knob(item, f"variant spec {spec!r}")
+        kwargs[key] = parse_knob(cls, key, value, f"variant spec {spec!r}")
     return cls(**kwargs)
 
 
-def _typed(default, value: str, spec: str):
-    """The string from a variant spec, as the type of the field's default."""
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false"):
-            raise ConfigError(f"variant spec {spec!r}: {value!r} must be true or false")
-        return value.lower() == "true"
-    return type(default)(value) if isinstance(default, (int, float)) else value
+PROG = "lora-lite cost"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-lite cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=None,
                    help="variants to report; 'name:field=value,...' sets config fields "
                         f"(default: every registered variant plus {', '.join(EXTRA_ROWS)})")
     p.add_argument("--preset", choices=sorted(PRESETS), default="anchor",
                    help="model shape: 'anchor' (hidden 512, 4 layers, inter 1536, 8/4 heads) or 'qwen3-0.6b'")
     for field in dataclasses.fields(ModelShape):
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=None,
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=positive_int, default=None,
                        help=f"override the preset's {field.name}")
-    p.add_argument("--r", type=int, default=32, help="rank for every variant (default 32)")
-    p.add_argument("--alpha", type=float, default=None, help="alpha for every variant (default: the config's)")
+    p.add_argument("--r", type=positive_int, default=32, help="rank for every variant (default 32)")
+    p.add_argument("--alpha", type=positive_float, default=None, help="alpha for every variant (default: the config's)")
     p.add_argument("--targets", nargs="+", default=[ALL_LINEAR],
                    help="target_names regexes (default all-linear: the seven linear types of each layer)")
-    p.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--batch", type=positive_int, default=2, help="batch size (default 2)")
+    p.add_argument("--seq", type=positive_int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model and adapter dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall clock (default), or process CPU time: steadier on a loaded CPU machine, CPU only")
-    p.add_argument("--iters", type=int, default=7, help="timed rounds per row; medians are reported (default 7)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
-    p.add_argument("--mem-repeats", type=int, default=3, help="peak-memory measurements per side; min is kept")
-    p.add_argument("--calib-batches", type=int, default=2,
+    p.add_argument("--iters", type=positive_int, default=7, help="timed rounds per row; medians are reported (default 7)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed rounds before timing (default 1)")
+    p.add_argument("--mem-repeats", type=positive_int, default=3, help="peak-memory measurements per side; min is kept")
+    p.add_argument("--calib-batches", type=positive_int, default=2,
                    help="random-token calibration batches for variants that require calibration")
     p.add_argument("--compare-peft", action="store_true", help="also build and time PEFT's equivalent adapter")
-    p.add_argument("--svd-size", type=int, default=4096,
+    p.add_argument("--svd-size", type=nonnegative_int, default=4096,
                    help="time full vs lowrank top-r SVD on one size×size layer; 0 skips it (default 4096)")
-    p.add_argument("--svd-niter", type=int, default=4, help="power iterations for the lowrank SVD (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and tokens")
+    p.add_argument("--svd-niter", type=nonnegative_int, default=None,
+                   help="power iterations for the lowrank SVD (default 4)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed for weights and tokens")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report to this file")
     return p
+
+
+def resolve(args) -> tuple[ModelShape, list]:
+    """The model shape and the variant configs, or a ConfigError naming the flag: nothing is built yet."""
+    if args.clock == "cpu" and args.device != "cpu":
+        raise ConfigError("--clock cpu times CPU work only; use the wall clock on a GPU")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise ConfigError(f"--device {args.device!r}: use cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device} but CUDA is not available here; pass --device cpu")
+    if args.svd_niter is not None and not args.svd_size:
+        raise ConfigError("--svd-niter shapes the SVD timing, which --svd-size 0 skips; drop one of them")
+    args.svd_niter = 4 if args.svd_niter is None else args.svd_niter
+    shape = dataclasses.replace(PRESETS[args.preset], **{
+        f.name: getattr(args, f.name) for f in dataclasses.fields(ModelShape) if getattr(args, f.name) is not None})
+    if shape.heads % shape.kv_heads:
+        raise ConfigError(f"--heads {shape.heads} must be a multiple of --kv-heads {shape.kv_heads}")
+    if args.out is not None:
+        check_output_file(args.out, "--out")
+    try:
+        cfgs = [parse_variant(s, args.r, args.alpha, tuple(args.targets)) for s in (args.variants or default_variants())]
+    except LoraLiteError as e:
+        raise ConfigError(f"--variants: {e}") from None
+    return shape, cfgs
 
 
 def file_mb(save_fn) -> float:
@@ -171,42 +204,108 @@ def _fmt(x, spec=".0f") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def render(rows, floor, header: list[str], compare_peft: bool) -> str:
-    cols = ["variant", "trainable", "file MB", "+MACs/tok", "init ms", "fwd ms", "step ms", "step ÷ floor",
-            "peak MB"]
+def floor_noise(rows) -> float | None:
+    """How far the floor's median step wandered across the rows of this run, as a fraction of its median
+    (half the max - min range). The floor is the same computation in every row, so this is the run's timing
+    noise; None with fewer than 3 rows, where it cannot be told from chance."""
+    floors = [r["floor_step"] for r in rows]
+    if len(floors) < 3:
+        return None
+    return (max(floors) - min(floors)) / 2 / _median(floors)
+
+
+def _ratio_cell(ratio: float, noise: float | None) -> str:
+    if noise is not None and abs(ratio - 1.0) <= noise:
+        return f"{ratio:.2f} (tie)"
+    if ratio < 1.0:
+        return f"{ratio:.2f} (below floor: noise)"
+    return f"**{ratio:.2f}**"
+
+
+def _peft_vs_ours(peft_ratio: float, ours: float, noise: float | None) -> str:
+    rel = peft_ratio / ours
+    # both ratios carry the floor noise; their quotient carries about sqrt(2) times it
+    if noise is not None and abs(rel - 1.0) <= noise * 2 ** 0.5:
+        return f"{rel:.2f}× (tie)"
+    return f"**{rel:.2f}×**"
+
+
+def render(rows, floor_peak, header: list[str], compare_peft: bool) -> str:
+    """The table. Each row shows the floor step it was timed beside, so step ms ÷ floor ms is its ratio."""
+    noise = floor_noise(rows)
+    cols = ["variant", "trainable", "file MB", "+MACs/tok", "init ms", "fwd ms", "step ms", "floor step ms",
+            "step ÷ floor", "peak MB"]
     if compare_peft:
         cols += ["PEFT equivalent", "PEFT trainable", "PEFT init ms", "PEFT step ms", "PEFT step ÷ floor",
                  "PEFT ÷ ours", "PEFT peak MB"]
-    lines = header + ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    floors = [r["floor_step"] for r in rows]
+    if noise is None:
+        noise_line = (f"Timing noise: not estimated ({len(rows)} row(s); it needs 3), so no ratio is marked as a "
+                      "tie.")
+    else:
+        noise_line = (f"Timing noise: the floor's median step ranged {min(floors):.1f}–{max(floors):.1f} ms across "
+                      f"the rows (±{100 * noise:.0f}%); a ratio within that of 1.00 is a tie with the floor, and "
+                      "PEFT ÷ ours within √2 times that is a tie. A step below the floor is noise: an adapter only "
+                      "adds work.")
+    floor_line = ("Each row's floor step ms is the floor timed interleaved with that row, and step ÷ floor is "
+                  "step ms ÷ that; the floor row shows the median over the rows.")
+    lines = header + [floor_line, noise_line, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines.append("| *floor (frozen base, input-embedding grad only)* | 0 | – | 0 | – | "
-                 f"{floor['fwd']:.1f} | {floor['step']:.1f} | 1.00 | {_fmt(floor['peak_mb'])} |"
-                 + (" – |" * 7 if compare_peft else ""))
+                 f"{_median([r['floor_fwd'] for r in rows]):.1f} | {_median(floors):.1f} | – | 1.00 | "
+                 f"{_fmt(floor_peak)} |" + (" – |" * 7 if compare_peft else ""))
     for r in rows:
         cells = [r["variant"], f"{r['params']:,}", f"{r['file_mb']:.2f}", f"{r['macs'] / 1e3:,.0f}K",
-                 f"{r['init_ms']:.0f}", f"{r['fwd']:.1f}", f"{r['step']:.1f}", f"**{r['ratio']:.2f}**",
-                 _fmt(r["peak_mb"])]
+                 f"{r['init_ms']:.0f}", f"{r['fwd']:.1f}", f"{r['step']:.1f}", f"{r['floor_step']:.1f}",
+                 _ratio_cell(r["ratio"], noise), _fmt(r["peak_mb"])]
         if compare_peft:
             has = "peft_step" in r
             cells += [r.get("peft_label", "–"), f"{r['peft_params']:,}" if has else "–",
                       _fmt(r.get("peft_init_ms")), _fmt(r.get("peft_step"), ".1f"),
-                      _fmt(r.get("peft_ratio"), ".2f"),
-                      f"**{r['peft_ratio'] / r['ratio']:.2f}×**" if has else "–", _fmt(r.get("peft_peak_mb"))]
+                      _ratio_cell(r["peft_ratio"], noise) if has else "–",
+                      _peft_vs_ours(r["peft_ratio"], r["ratio"], noise) if has else "–", _fmt(r.get("peft_peak_mb"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def prepare(argv: list[str] | None) -> tuple | int:
+    """(args, shape, configs) from the command line, or the exit status of a one-line refusal."""
+    args = build_parser().parse_args(argv)
+    try:
+        shape, cfgs = resolve(args)
+    except LoraLiteError as e:
+        return usage_error(PROG, e)
+    return args, shape, cfgs
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.clock == "cpu" and not args.device == "cpu":
-        parser.error("--clock cpu times CPU work only; use the wall clock on a GPU")
+    prepared = prepare(argv)
+    if isinstance(prepared, int):
+        return prepared
+    args, shape, cfgs = prepared
+    try:
+        return _measure_and_report(args, shape, cfgs)
+    except LoraLiteError as e:
+        print(f"{PROG}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+
+
+def _measure_and_report(args, shape: ModelShape, cfgs: list) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    shape = dataclasses.replace(PRESETS[args.preset], **{
-        f.name: getattr(args, f.name) for f in dataclasses.fields(ModelShape) if getattr(args, f.name) is not None})
+    try:
+        report = _measure(args, shape, cfgs)
+    finally:
+        torch.set_num_threads(previous_threads)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + "\n")
+    return 0
+
+
+def _measure(args, shape: ModelShape, cfgs: list) -> str:
     dtype = DTYPES[args.dtype]
-    targets = tuple(args.targets)
-    cfgs = [parse_variant(s, args.r, args.alpha, targets) for s in (args.variants or default_variants())]
     mem_problem = None if args.device.startswith("cuda") else cpu_peak_supported()
     args.mem = mem_problem is None
 
@@ -224,17 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# measured {rows[-1]['variant']}: step ÷ floor {rows[-1]['ratio']:.2f}"
               + (f", PEFT {rows[-1]['peft_ratio']:.2f}" if "peft_ratio" in rows[-1] else ""), file=sys.stderr, flush=True)
         gc.collect()
-    floor_row = {"fwd": _median([r["floor_fwd"] for r in rows]), "step": _median([r["floor_step"] for r in rows]),
-                 "peak_mb": floor_peak}
     header = _header(args, shape, base, load_before, mem_problem)
-    report = render(rows, floor_row, header, args.compare_peft)
+    report = render(rows, floor_peak, header, args.compare_peft)
     if args.svd_size:
         report += "\n\n" + _svd_section(args)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
-    return 0
+    return report
 
 
 def _warm_up_imports(base, args) -> None:

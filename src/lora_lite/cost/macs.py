@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..errors import ConfigError
+from ..layer_kinds import KINDS, kind_of
 from ..runtime import variant_of
 from ..target import find_targets
 
@@ -29,8 +30,8 @@ def layer_added_macs(variant: type, d_in: int, d_out: int, cfg: AdapterConfig) -
 def added_macs(model: nn.Module, cfg: AdapterConfig) -> int:
     """Forward MACs per token that `cfg` adds over every layer it targets in `model`."""
     variant = variant_of(cfg)
-    return sum(layer_added_macs(variant, int(m.in_features), int(m.out_features), cfg)
-               for _, m, _ in find_targets(model, cfg))
+    # d_in, d_out as the method sees the layer (lora_lite.layer_kinds); an expert parameter counts one expert
+    return sum(layer_added_macs(variant, *KINDS[kind_of(m)].dims(m), cfg) for _, m, _ in find_targets(model, cfg))
 
 
 def linear_macs(model: nn.Module) -> int:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..config import LowRankConfig
 from ..errors import ConfigError
 from ..quant import dense_weight
-from ..variant import ParamSpec, check_rank, register
+from ..variant import ParamSpec, register
 
 
 @dataclass
@@ -50,8 +50,7 @@ class DeLoRA:
         return peft.DeloraConfig(r=cfg.r, delora_lambda=cfg.lambda0, target_modules=list(targets)), "DeloraConfig"
 
     @staticmethod
-    def check(d_in, d_out, cfg):
-        check_rank(d_in, d_out, cfg)
+    def check(d_in, d_out, cfg):  # any r: the normalised factors need no r <= min(d_in, d_out)
         if cfg.use_rslora:
             raise ConfigError("delora: use_rslora does not apply; DeLoRA's strength is lambda0 (the update is "
                               "normalised and scaled by λ/r, never by alpha), so drop use_rslora and tune lambda0")

@@ -11,7 +11,8 @@ The row norm is factored so no d_out×d_in temporary is built:
 costing r·d_in·d_out once per call instead of per token. Identity at init: B = 0 and m = ‖W‖, and the
 output is formed as y + (m/n − 1)⊙Wx + (m/n)⊙s·BAx (as PEFT does) with n rounded to m's dtype, so it is
 exact in bf16 too.
-Reads the dense weight in forward, so it needs a plain float nn.Linear. Merge: W' = (m / ‖W + sBA‖) ⊙ (W + sBA).
+Reads the dense weight in forward, so it needs a plain float weight: nn.Linear, Conv1D or a conv, read as
+(d_out, d_in) (`a.weight`; a conv's row norm is over C_in·∏kernel, as in PEFT). Any r works. Merge: W' = (m / ‖W + sBA‖) ⊙ (W + sBA).
 No plain-LoRA export: the row rescaling makes ΔW full rank (PEFT keeps it as use_dora, which vLLM refuses).
 Trainable params per layer: r·(d_in + d_out) + d_out.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LowRankConfig
-from ..variant import ParamSpec, check_rank, register
+from ..variant import ParamSpec, register
 from .lora import LoRA, peft_lora
 
 
@@ -33,7 +34,7 @@ class DoRAConfig(LowRankConfig):
 
 def row_norm(a) -> torch.Tensor:
     """‖W + s·B A‖ per output row, in fp32, without building B A."""
-    W, A, B, s = a.base.weight, a.lora_A.float(), a.lora_B.float(), a.cfg.scale
+    W, A, B, s = a.weight, a.lora_A.float(), a.lora_B.float(), a.cfg.scale
     w_sq = torch.linalg.vector_norm(W, dim=1, dtype=torch.float32).square()
     WA = F.linear(W, a.lora_A.to(W.dtype)).float()  # (d_out, r)
     cross = (B * WA).sum(1)
@@ -49,8 +50,7 @@ class DoRA:
     params_per_layer = "r·(d_in + d_out) + d_out"
     bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
     needs_dense_weight = True
-
-    check = staticmethod(check_rank)
+    layer_kinds = ("linear", "conv1d_gpt2", "conv")
 
     @staticmethod
     def peft(cfg, targets):
@@ -68,7 +68,7 @@ class DoRA:
     @staticmethod
     @torch.no_grad()
     def init(a):
-        a.lora_m.copy_(torch.linalg.vector_norm(a.base.weight, dim=1, dtype=torch.float32))
+        a.lora_m.copy_(torch.linalg.vector_norm(a.weight, dim=1, dtype=torch.float32))
 
     @staticmethod
     def forward(a, x, y):
@@ -78,13 +78,13 @@ class DoRA:
         bias = a.base.bias
         wx = y if bias is None else y - bias
         # y + [(m/n − 1) ⊙ Wx + (m/n) ⊙ s·BAx]: the untouched y (bias included) is never re-rounded
-        lora = F.linear(F.linear(x, a.lora_A) * a.cfg.scale, a.lora_B)
+        lora = F.linear(a.project(x, a.lora_A) * a.cfg.scale, a.lora_B)
         out = (magnitude - 1) * wx
         out += magnitude * lora  # in place: the same roundings as y + (a + b), two (..., d_out) buffers fewer
         return out.add_(y)
 
     @staticmethod
     def delta_weight(a):
-        W = a.base.weight.float()
+        W = a.weight.float()
         V = W + LoRA.delta_weight(a)
         return (a.lora_m.float() / row_norm(a))[:, None] * V - W

@@ -39,7 +39,10 @@ class EVA:
     bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
     requires_calibration = True
 
-    check = staticmethod(check_rank)
+    @staticmethod
+    def check(d_in, d_out, cfg):  # A holds r eigenvectors of the (d_in, d_in) input covariance; any d_out
+        check_rank(d_in, d_in, cfg)
+
     forward = staticmethod(LoRA.forward)
     delta_weight = staticmethod(LoRA.delta_weight)
     added_macs = staticmethod(LoRA.added_macs)

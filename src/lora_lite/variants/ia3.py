@@ -4,6 +4,7 @@ Learning", arXiv 2205.05638. Output-gate form, meant for k_proj / v_proj.
     y' = y ⊙ g          g: (d_out,) ones at init, trainable   (the bias is gated too, as in PEFT)
 
 Identity is exact. Hook-only, so it works on quantized layers. Trainable params per layer: d_out.
+Also on Conv1D and convs (one gate per output channel, as PEFT's IA3 on Conv2d).
 Merge: W' = diag(g) W, b' = g ⊙ b. ΔW rescales every row, so it is full rank: no LoRA export.
 Keep the default fp32 storage on bf16 models: the spacing of bf16 near 1.0 is 7.8e-3, so updates far below
 ~4e-3 would round away in a bf16 g.
@@ -27,6 +28,7 @@ class IA3:
     paper = ("Liu+ 2022", "https://arxiv.org/abs/2205.05638")
     params_per_layer = "d_out (output gate, k/v)"
     bench = {"lr": {"qwen": 5e-3, "stories": 3e-2, "tiny": 2e-1}, "targets": (r"(k_proj|v_proj)$",)}
+    layer_kinds = ("linear", "conv1d_gpt2", "conv")
 
     @staticmethod
     def peft(cfg, targets):

@@ -3,18 +3,20 @@
     y' = y + s · (x Aᵀ) Bᵀ,      s = alpha / r   (alpha / √r with use_rslora: rsLoRA, arXiv 2312.03732)
     A: (r, d_in)  kaiming-uniform, trainable        B: (d_out, r)  zeros, trainable
 
-Identity at init is exact because B = 0. Trainable params per layer: r·(d_in + d_out).
-Hook-only (never reads W), so it works on bitsandbytes 4/8-bit layers. No dropout: it costs a copy of x per
+Identity at init is exact because B = 0. Trainable params per layer: r·(d_in + d_out). Any r works, also
+r > min(d_in, d_out) (as in PEFT). Hook-only (never reads W), so it works on bitsandbytes 4/8-bit layers.
+Every layer kind (lora_lite.layer_kinds): x Aᵀ is `a.project(x, A)`, a conv with A as an r-channel kernel on
+convs and a lookup of A's columns on embeddings (PEFT's lora.Conv2d and lora.Embedding), and on MoE expert
+parameters each expert has its own A, B (lora_lite.experts). No dropout: it costs a copy of x per
 layer and the benchmark protocols we follow use 0.
 """
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import LowRankConfig
-from ..variant import ParamSpec, check_rank, register
+from ..variant import ParamSpec, register
 
 
 @dataclass
@@ -44,8 +46,7 @@ class LoRA:
     paper = ("Hu+ 2021", "https://arxiv.org/abs/2106.09685")
     params_per_layer = "r·(d_in + d_out)"
     bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
-
-    check = staticmethod(check_rank)
+    layer_kinds = ("linear", "conv1d_gpt2", "conv", "embedding", "experts")
 
     @staticmethod
     def peft(cfg, targets):
@@ -62,7 +63,7 @@ class LoRA:
     @staticmethod
     def forward(a, x, y):
         # (..., d_in) -> (..., r), scaled on the small side, -> added into y
-        return add_low_rank(y, F.linear(x, a.lora_A) * a.cfg.scale, a.lora_B)
+        return add_low_rank(y, a.project(x, a.lora_A) * a.cfg.scale, a.lora_B)
 
     @staticmethod
     def delta_weight(a):

@@ -9,7 +9,8 @@ Dividing S by s (as PEFT does) gives the same starting product s·B0A0 = U_r S_r
 The runtime writes W_res into the layer (through `base_delta`) and restores the original W bit-exactly on
 detach. A0/B0 are saved, so load rebuilds W_res without an SVD and a rank-2r PEFT export is exact.
 Merging adds s·B A to W_res; the merged weight is W_res + s·B A, not the original W.
-Identity holds up to one rounding of W_res to W's dtype. Needs a dense nn.Linear (no quantized bases).
+Identity holds up to one rounding of W_res to W's dtype. Needs a dense float weight (no quantized bases):
+nn.Linear, Conv1D or a conv, whose (d_out, d_in) view (`a.weight`) is what the SVD factors.
 Trainable params per layer: r·(d_in + d_out), plus as many frozen.
 """
 
@@ -36,6 +37,7 @@ class PiSSA:
     params_per_layer = "r·(d_in + d_out)"
     bench = {"r": 32, "alpha": "r", "lr": {"qwen": 1e-4, "stories": 1e-3, "tiny": 3e-3}}
     needs_dense_weight = True
+    layer_kinds = ("linear", "conv1d_gpt2", "conv")
 
     forward = staticmethod(LoRA.forward)
     delta_weight = staticmethod(LoRA.delta_weight)
@@ -61,7 +63,7 @@ class PiSSA:
     @torch.no_grad()
     def init(a):
         cfg = a.cfg
-        U, S, Vh = top_r_svd(a.base.weight, cfg.r, cfg.svd, cfg.niter)
+        U, S, Vh = top_r_svd(a.weight, cfg.r, cfg.svd, cfg.niter)
         root = (S / cfg.scale).sqrt()
         for name, value in (("lora_A", root[:, None] * Vh), ("lora_B", U * root[None, :])):
             getattr(a, name).copy_(value)
