@@ -69,6 +69,7 @@ class ABBA:
     name = "abba"
     config = ABBAConfig
     paper = ("Singhal+ 2025", "https://arxiv.org/abs/2505.14238")
+    layer_kinds = ("linear",)
     params_per_layer = "(r + r2)·(d_in + d_out)"
     bench = {"r": 16, "alpha": 16.0, "lr": {"qwen": 1e-3, "stories": 3e-3, "tiny": 1e-2}}
 

@@ -68,6 +68,7 @@ class BOFT:
     name = "boft"
     config = BOFTConfig
     paper = ("Liu+ 2024", "https://arxiv.org/abs/2311.06243")
+    layer_kinds = ("linear",)
     params_per_layer = "m·d_in·b + d_out (m = butterfly_factor)"
     bench = {"lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}, "knobs": {"block_size": 4, "butterfly_factor": 2}}
 

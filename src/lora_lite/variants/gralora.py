@@ -55,6 +55,7 @@ class GraLoRA:
     name = "gralora"
     config = GraLoRAConfig
     paper = ("Jung+ 2025", "https://arxiv.org/abs/2505.20355")
+    layer_kinds = ("linear",)
     params_per_layer = "(r + hybrid_r)·(d_in + d_out)"
     bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 2e-4, "stories": 3e-3, "tiny": 1e-2}, "knobs": {"k": 2}}
 

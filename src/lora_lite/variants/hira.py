@@ -39,6 +39,7 @@ class HiRA:
     name = "hira"
     config = HiRAConfig
     paper = ("Huang+ 2025", "https://openreview.net/forum?id=TwJrTz9cRS")
+    layer_kinds = ("linear",)
     params_per_layer = "r·(d_in + d_out)"
     bench = {"r": 32, "lr": {"qwen": 4.5e-3, "stories": 1e-2, "tiny": 3e-2}}
 

@@ -66,6 +66,7 @@ class Lily:
     name = "lily"
     config = LilyConfig
     paper = ("Zhong+ 2024", "https://arxiv.org/abs/2407.09946")
+    layer_kinds = ("linear",)
     params_per_layer = "r·d_in/stride_a + num_b·r + num_b·r·d_out/L (A, B shared in a group of L layers)"
     bench = {"r": 32, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}, "knobs": {"stride_a": 2, "num_b": 2}}
 

@@ -37,6 +37,7 @@ class LoHa:
     name = "loha"
     config = LoHaConfig
     paper = ("Hyeon-Woo+ 2022", "https://arxiv.org/abs/2108.06098")
+    layer_kinds = ("linear",)
     params_per_layer = "2r·(d_in + d_out)"
     bench = {"r": 8, "alpha": 8.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
 

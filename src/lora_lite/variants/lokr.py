@@ -53,6 +53,7 @@ class LoKr:
     name = "lokr"
     config = LoKrConfig
     paper = ("Yeh+ 2024", "https://arxiv.org/abs/2309.14859")
+    layer_kinds = ("linear",)
     params_per_layer = "a·c + b·e, or a·c + r·(b + e) when W2 is low-rank (d_out = a·b, d_in = c·e)"
     bench = {"r": 8, "alpha": 8.0, "lr": {"qwen": 3e-3, "stories": 1e-2, "tiny": 3e-2}}
 

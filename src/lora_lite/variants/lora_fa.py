@@ -8,6 +8,7 @@ LoRA with the down-projection A frozen at its random init; only B trains:
 Why: B's gradient needs only the r-dimensional x Aᵀ, not x, so backward keeps (..., r) activations per layer
 instead of (..., d_in), and there is no gradient or optimizer state for A. ΔW = s·B A always lies in the row
 space of A, fixed at init. Identity at init is exact because B = 0. Hook-only, so it works on bitsandbytes layers.
+On Conv1D and convs too, through LoRA's forward (`a.project`); not on embeddings or expert parameters.
 
 PEFT's equivalent is a LoRA whose A `create_lorafa_optimizer` freezes; that optimizer is AdamW that also
 preconditions B's gradient by (s² A Aᵀ)⁻¹ (a later refinement of the method). Here any optimizer can be used;
@@ -32,6 +33,7 @@ class LoRAFA:
     name = "lora_fa"
     config = LoRAFAConfig
     paper = ("Zhang+ 2023", "https://arxiv.org/abs/2308.03303")
+    layer_kinds = ("linear", "conv1d_gpt2", "conv")
     params_per_layer = "r·d_out (A: r·d_in, frozen)"
     bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
 

@@ -18,7 +18,7 @@ tests/test_gradient_inits.py checks it). The math is the paper's Algorithm 1 and
 knob names, defaults and the gradient estimate (the mean of per-batch gradients) are PEFT's; its random direction
 and "weight_svd" scale are left out. Requires calibration_data whose batches give a loss
 (lora_lite.calibration.weight_gradients); identity holds up to one rounding of W_res. Needs a dense nn.Linear
-and 2r ≤ min(d_in, d_out). Trainable params per layer: r·(d_in + d_out), plus as many frozen.
+(linear layers only: the gradient pass reads layer.weight's own layout) and 2r ≤ min(d_in, d_out). Trainable params per layer: r·(d_in + d_out), plus as many frozen.
 """
 
 from dataclasses import dataclass
@@ -63,6 +63,7 @@ class LoRAGA:
     name = "lora_ga"
     config = LoRAGAConfig
     paper = ("Wang+ 2024", "https://arxiv.org/abs/2407.05000")
+    layer_kinds = ("linear",)
     params_per_layer = "r·(d_in + d_out); needs calibration_data with a loss"
     bench = {"r": 32, "alpha": 64.0, "lr": {"qwen": 2e-5, "stories": 1e-3, "tiny": 3e-3}}
     needs_dense_weight = True

@@ -46,6 +46,7 @@ class LoRAOne:
     name = "lora_one"
     config = LoRAOneConfig
     paper = ("Zhang+ 2025", "https://arxiv.org/abs/2502.01235")
+    layer_kinds = ("linear",)
     params_per_layer = "r·(d_in + d_out); needs calibration_data with a loss"
     # the reference code's run: r 8, alpha 16 with rsLoRA, lr 2e-4 on Llama, the step taken
     bench = {"r": 8, "alpha": 16.0, "lr": {"qwen": 2e-4, "stories": 3e-3, "tiny": 1e-2},

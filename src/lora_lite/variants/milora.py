@@ -11,7 +11,7 @@ the directions pre-training used least, and the principal part of W (its knowled
 Dividing S by s (as PiSSA does) makes the starting product s·B0 A0 the minor part of W for any alpha. The SVD
 is always exact: a randomized SVD cannot find the bottom of the spectrum. W_res is written into the layer
 (`base_delta`) and W restored bit-exactly on detach; identity holds up to one rounding of W_res. Needs a dense
-nn.Linear. PEFT has no MiLoRA (its "mica" init also uses minor components, but freezes B and zeroes A).
+float weight (nn.Linear, Conv1D or a conv: its (d_out, d_in) view `a.weight`, like PiSSA). PEFT has no MiLoRA (its "mica" init also uses minor components, but freezes B and zeroes A).
 Exports to PEFT as a rank-2r LoRA, like PiSSA. Trainable params per layer: r·(d_in + d_out), plus as many frozen.
 """
 
@@ -35,6 +35,7 @@ class MiLoRA:
     name = "milora"
     config = MiLoRAConfig
     paper = ("Wang+ 2024", "https://arxiv.org/abs/2406.09044")
+    layer_kinds = ("linear", "conv1d_gpt2", "conv")
     params_per_layer = "r·(d_in + d_out)"
     bench = {"r": 32, "alpha": "r", "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}}
     needs_dense_weight = True
@@ -50,7 +51,7 @@ class MiLoRA:
     @staticmethod
     @torch.no_grad()
     def init(a):
-        U, S, Vh = bottom_r_svd(a.base.weight, a.cfg.r)
+        U, S, Vh = bottom_r_svd(a.weight, a.cfg.r)
         root = (S / a.cfg.scale).sqrt()
         for name, value in (("lora_A", root[:, None] * Vh), ("lora_B", U * root[None, :])):
             getattr(a, name).copy_(value)

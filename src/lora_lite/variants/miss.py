@@ -61,6 +61,7 @@ class MiSS:
     name = "miss"
     config = MiSSConfig
     paper = ("Kang & Yin 2024", "https://arxiv.org/abs/2409.15371")
+    layer_kinds = ("linear",)
     params_per_layer = "r·d_out (miss), r·mini_r (mini), d_out·r (bat)"
     bench = {"r": 64, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 3e-3}}
 

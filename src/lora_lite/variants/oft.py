@@ -56,6 +56,7 @@ class OFT:
     name = "oft"
     config = OFTConfig
     paper = ("Qiu+ 2023", "https://arxiv.org/abs/2306.07280")
+    layer_kinds = ("linear",)
     params_per_layer = "d_in·(b − 1)/2"
     bench = {"lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 3e-3}, "knobs": {"block_size": 32}}
 

@@ -9,8 +9,9 @@ LoRA whose factors start on the first r columns of a QR decomposition of W, with
 The paper writes the update as Q_r R_r; in the (A, B) layout used here (PEFT's) the orthonormal factor is B.
 Unlike PiSSA, R is not divided by s (as in the paper and PEFT), so the adapter starts at s·Q_r R_r.
 The runtime writes W_res into the layer (`base_delta`) and restores W bit-exactly on detach; identity holds up
-to one rounding of W_res to W's dtype. Needs a dense nn.Linear. Exports to PEFT as a rank-2r LoRA
-([B, −B0], [A; A0]), like PiSSA. Trainable params per layer: r·(d_in + d_out), plus as many frozen.
+to one rounding of W_res to W's dtype. Needs a dense float weight (nn.Linear, Conv1D or a conv, factored as
+its (d_out, d_in) view `a.weight`, like PiSSA). Exports to PEFT as a rank-2r LoRA ([B, −B0], [A; A0]), like
+PiSSA. Trainable params per layer: r·(d_in + d_out), plus as many frozen.
 """
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class OLoRA:
     name = "olora"
     config = OLoRAConfig
     paper = ("Büyükakyüz 2024", "https://arxiv.org/abs/2406.01775")
+    layer_kinds = ("linear", "conv1d_gpt2", "conv")
     params_per_layer = "r·(d_in + d_out)"
     bench = {"r": 32, "alpha": "r", "lr": {"qwen": 1e-4, "stories": 1e-3, "tiny": 3e-3}}
     needs_dense_weight = True
@@ -52,7 +54,7 @@ class OLoRA:
     @staticmethod
     @torch.no_grad()
     def init(a):
-        Q, R = torch.linalg.qr(a.base.weight.float())
+        Q, R = torch.linalg.qr(a.weight.float())
         r = a.cfg.r
         for name, value in (("lora_A", R[:r]), ("lora_B", Q[:, :r])):
             getattr(a, name).copy_(value)

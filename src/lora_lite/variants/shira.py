@@ -51,6 +51,7 @@ class SHiRA:
     name = "shira"
     config = SHiRAConfig
     paper = ("Bhardwaj+ 2024", "https://arxiv.org/abs/2406.13175")
+    layer_kinds = ("linear",)
     params_per_layer = "r·(d_in + d_out) (entries of W)"
     bench = {"r": 32, "lr": {"qwen": 3e-4, "stories": 3e-3, "tiny": 1e-2}}
 

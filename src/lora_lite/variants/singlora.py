@@ -45,6 +45,7 @@ class SingLoRA:
     name = "singlora"
     config = SingLoRAConfig
     paper = ("Bensaïd+ 2025", "https://arxiv.org/abs/2507.05566")
+    layer_kinds = ("linear",)
     params_per_layer = "r·max(d_in, d_out)"
     bench = {"r": 32, "alpha": 32.0, "lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}, "knobs": {"ramp_steps": 10}}
 

@@ -48,6 +48,7 @@ class VeRA:
     name = "vera"
     config = VeRAConfig
     paper = ("Kopiczko+ 2024", "https://arxiv.org/abs/2310.11454")
+    layer_kinds = ("linear",)
     params_per_layer = "r + d_out (random projections shared, not stored)"
     bench = {"r": 256, "lr": {"qwen": 4e-3, "stories": 3e-2, "tiny": 1e-1}}
 
