@@ -42,12 +42,13 @@ class LilyConfig(RankConfig):
     mixing: str = "batch"
 
 
-def layer_groups(model, adapters) -> dict[tuple[str, int, int], list]:
-    """{(layer name, d_in, d_out): its adapters in model order}: the layers that share B (and A in strides)."""
+def layer_groups(model, adapters) -> dict[tuple[str, int, int, int], list]:
+    """{(layer name, d_in, d_out, r): its adapters in model order}: the layers that share B (and A in strides).
+    r is the layer's own (rank_pattern): layers of another rank form a group of their own."""
     position = {id(m): (i, name) for i, (name, m) in enumerate(model.named_modules(remove_duplicate=False))}
-    groups: dict[tuple[str, int, int], list] = {}
+    groups: dict[tuple[str, int, int, int], list] = {}
     for a in sorted(adapters, key=lambda a: position[id(a.base)][0]):
-        groups.setdefault((position[id(a.base)][1].rsplit(".", 1)[-1], a.d_in, a.d_out), []).append(a)
+        groups.setdefault((position[id(a.base)][1].rsplit(".", 1)[-1], a.d_in, a.d_out, a.cfg.r), []).append(a)
     return groups
 
 

@@ -101,16 +101,18 @@ class LoRAGA:
     @staticmethod
     @torch.no_grad()
     def group_init(model, adapters, cfg, calibration_data):
-        # every factor starts at zero, so the gradient pass sees the base model
-        grads = weight_gradients(model, [a.base for a in adapters], calibration_data, min_tokens=2 * cfg.r,
-                                 variant=cfg.variant)
+        # every factor starts at zero, so the gradient pass sees the base model. a.cfg is each layer's config
+        # (its r and alpha from rank_pattern / alpha_pattern); cfg the one attach was given
+        grads = weight_gradients(model, [a.base for a in adapters], calibration_data,
+                                 min_tokens=2 * max(a.cfg.r for a in adapters), variant=cfg.variant)
         for a, G in zip(adapters, grads, strict=True):
-            U, _, Vh = top_r_svd(G, 2 * cfg.r, cfg.svd, cfg.niter)
-            A, B = pick_factors(U, Vh, cfg.r, cfg.direction)
-            if cfg.init_scale == "stable":
-                A, B = (t * (a.d_out ** 0.25 / cfg.stable_gamma ** 0.5) for t in (A, B))
-            elif cfg.init_scale == "gd":
-                A, B = A / cfg.scale, B / cfg.scale
+            c = a.cfg
+            U, _, Vh = top_r_svd(G, 2 * c.r, c.svd, c.niter)
+            A, B = pick_factors(U, Vh, c.r, c.direction)
+            if c.init_scale == "stable":
+                A, B = (t * (a.d_out ** 0.25 / c.stable_gamma ** 0.5) for t in (A, B))
+            elif c.init_scale == "gd":
+                A, B = A / c.scale, B / c.scale
             for name, value in (("lora_A", A), ("lora_B", B)):
                 getattr(a, name).copy_(value)
                 getattr(a, name + "0").copy_(value)

@@ -78,12 +78,13 @@ class LoRAOne:
     @staticmethod
     @torch.no_grad()
     def group_init(model, adapters, cfg, calibration_data):
-        # every factor starts at zero, so the gradient pass sees the base model
-        grads = weight_gradients(model, [a.base for a in adapters], calibration_data, min_tokens=cfg.r,
-                                 variant=cfg.variant)
+        # every factor starts at zero, so the gradient pass sees the base model. a.cfg is each layer's config
+        # (its r and alpha from rank_pattern / alpha_pattern); cfg the one attach was given
+        grads = weight_gradients(model, [a.base for a in adapters], calibration_data,
+                                 min_tokens=max(a.cfg.r for a in adapters), variant=cfg.variant)
         for a, G in zip(adapters, grads, strict=True):
-            U, S, Vh = top_r_svd(-G, cfg.r, cfg.svd, cfg.niter)
-            root = (S / (S[0].clamp_min(torch.finfo(S.dtype).tiny) * cfg.stable_gamma)).sqrt()
+            U, S, Vh = top_r_svd(-G, a.cfg.r, a.cfg.svd, a.cfg.niter)
+            root = (S / (S[0].clamp_min(torch.finfo(S.dtype).tiny) * a.cfg.stable_gamma)).sqrt()
             for name, value in (("lora_A", root[:, None] * Vh), ("lora_B", U * root[None, :])):
                 getattr(a, name).copy_(value)
                 getattr(a, name + "0").copy_(value)

@@ -77,9 +77,9 @@ class SHiRA:
         masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         for a in adapters:
             device = a.lora_values.device
-            key = (a.d_in, a.d_out, device)
+            key = (a.d_in, a.d_out, a.cfg.r, device)  # a.cfg: the layer's r (rank_pattern)
             if key not in masks:
-                masks[key] = random_indices(a.d_in, a.d_out, cfg).to(device)
+                masks[key] = random_indices(a.d_in, a.d_out, a.cfg).to(device)
             a.register_buffer("lora_index", masks[key], persistent=False)
 
     @staticmethod

@@ -65,15 +65,17 @@ class VeRA:
 
     @staticmethod
     def group_setup(model, adapters, cfg, loaded):
-        P_A, P_B = projections(cfg.r, max(a.d_in for a in adapters), max(a.d_out for a in adapters), cfg.seed)
+        # one pair for every layer, of the largest r any layer has (rank_pattern); a layer uses its first a.cfg.r
+        r = max(a.cfg.r for a in adapters)
+        P_A, P_B = projections(r, max(a.d_in for a in adapters), max(a.d_out for a in adapters), cfg.seed)
         placed: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         for a in adapters:
             key = (a.lora_b.device, storage_dtype(a.base, cfg))
             if key not in placed:
                 placed[key] = (P_A.to(*key), P_B.to(*key))
             A, B = placed[key]
-            a.register_buffer("lora_proj_A", A[:, :a.d_in], persistent=False)
-            a.register_buffer("lora_proj_B", B[:a.d_out], persistent=False)
+            a.register_buffer("lora_proj_A", A[:a.cfg.r, :a.d_in], persistent=False)
+            a.register_buffer("lora_proj_B", B[:a.d_out, :a.cfg.r], persistent=False)
 
     @staticmethod
     def added_macs(d_in, d_out, cfg):
