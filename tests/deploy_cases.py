@@ -11,7 +11,8 @@ import torch
 
 import lora_lite as ll
 from conftest import fresh_model
-from variant_cases import attach_case
+from lora_lite.runtime import iter_adapters
+from variant_cases import CASES, attach_case
 
 
 def exportable(name: str) -> bool:
@@ -21,11 +22,16 @@ def exportable(name: str) -> bool:
 
 @torch.no_grad()
 def perturb(model, seed=0, std=0.1, adapter=None):
-    """Add seeded noise to every trainable lora_* tensor (of one named adapter, or of all)."""
+    """Add seeded noise to every trainable lora_* tensor (of one named adapter, or of all), and set the frozen
+    state training advances to its trained value (Case.trained_state)."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.requires_grad and "lora_" in name and (adapter is None or f".lora_adapters.{adapter}." in name):
             p.add_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
+    for a in iter_adapters(model):
+        if adapter in (None, a.name):
+            for tname, value in CASES[a.variant.name].trained_state.items():
+                getattr(a, tname).fill_(value)
 
 
 def trained(name: str, dtype=torch.float32, kind="qwen", seed=0, cfg=None):

@@ -51,8 +51,9 @@ def global_batch(step: int, rows: int) -> dict[str, torch.Tensor]:
 
 
 def calibration_batches(seed: int) -> list[dict[str, torch.Tensor]]:
-    return [{"input_ids": torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(seed + i))}
-            for i in range(2)]
+    """Random-token batches; labels too, so gradient-based inits (lora_ga, lora_one) get a loss."""
+    ids = [torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(seed + i)) for i in range(2)]
+    return [{"input_ids": t, "labels": t} for t in ids]
 
 
 def attach(model, variant: str, seed: int) -> None:
@@ -74,6 +75,16 @@ def train(model, steps: int, rows: int, shard: bool, backward=None) -> None:
         opt.zero_grad()
 
 
+def shares_across_layers(model) -> bool:
+    """Whether one adapter Parameter sits in two decoder blocks (Lily's shared A and experts)."""
+    owner = {}
+    for i, block in enumerate(model.model.layers):
+        for p in block.parameters():
+            if owner.setdefault(id(p), i) != i:
+                return True
+    return False
+
+
 def run(mode: str, variant: str, steps: int, batch: int, out: Path, accelerator=None) -> None:
     model = make_tiny_qwen(seed=0)
     attach(model, variant, seed=1000 + lld.rank())
@@ -88,15 +99,16 @@ def run(mode: str, variant: str, steps: int, batch: int, out: Path, accelerator=
     elif mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
-            fully_shard(layer)
+        if not shares_across_layers(model):  # tensors several blocks share (Lily) must sit in one FSDP group
+            for layer in model.model.layers:
+                fully_shard(layer)
         fully_shard(model)
         train(model, steps, rows, shard=True)
     elif mode == "fsdp1":  # hook adapters mix frozen W and trainable lora_* in one module: use_orig_params=True
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-        policy = ModuleWrapPolicy({type(model.model.layers[0])})
+        policy = None if shares_across_layers(model) else ModuleWrapPolicy({type(model.model.layers[0])})
         model = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
         train(model, steps, rows, shard=True)
         with FSDP.summon_full_params(model, writeback=False):  # outside forward FSDP1 holds flat shards

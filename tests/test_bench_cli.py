@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 import lora_lite as ll  # noqa: E402
 from lora_lite.bench.cli import build_parser  # noqa: E402
 from lora_lite.bench.cli import main as bench_main  # noqa: E402
+from lora_lite.bench.presets import OPTION_ROWS  # noqa: E402
 from lora_lite.cost.cli import main as cost_main  # noqa: E402
 
 
@@ -121,7 +122,7 @@ def test_the_plan_names_methods_runs_and_time(capsys, tmp_path):
     rc = bench_main(["--plan-only", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert rc == 0 and not (tmp_path / "cache").exists()
-    n = len(ll.REGISTRY)
+    n = len(ll.REGISTRY) + len(OPTION_ROWS)  # every method and every option row (lora:use_rslora=true)
     assert f"{n} method(s)" in out and f"{n} runs" in out and "expected time: about" in out
     assert "pre-training" in out and "lora-lite bench --full" in out
     rc = bench_main(["--plan-only", "--full", "--variants", "lora", "dora", "--output-dir", str(tmp_path)])

@@ -16,7 +16,7 @@ import lora_lite as ll  # noqa: E402
 from conftest import require_asset  # noqa: E402
 from lora_lite.bench import tiny  # noqa: E402
 from lora_lite.bench.cli import main  # noqa: E402
-from lora_lite.bench.presets import PRESETS, variant_settings  # noqa: E402
+from lora_lite.bench.presets import OPTION_ROWS, PRESETS, variant_settings  # noqa: E402
 from lora_lite.bench.run import Bench, Options  # noqa: E402
 from lora_lite.bench.train import Interrupted, StopFlag, latest_checkpoint  # noqa: E402
 from lora_lite.errors import CheckpointError  # noqa: E402
@@ -50,25 +50,31 @@ def _result(run_dir):
 def test_tiny_smoke_every_variant(tmp_path, cache, capsys):
     assert _bench_main(tmp_path, cache) == 0
     out = capsys.readouterr().out
-    assert "expected time: about" in out and f"{len(ll.REGISTRY)} runs" in out  # the plan comes first
+    n_rows = len(ll.REGISTRY) + len(OPTION_ROWS)  # every method, plus a row per option (lora:use_rslora=true)
+    assert "expected time: about" in out and f"{n_rows} runs" in out  # the plan comes first
     table = (tmp_path / "results.md").read_text()
     assert "| base (untrained) |" in table and "McNemar, 1 seed" in table
     for k, name in enumerate(sorted(ll.REGISTRY), 1):
         assert f"| {name} |" in table
-        assert f"[{k}/{len(ll.REGISTRY)}] {name} lr " in out  # every run names its method and phase
+        assert f"[{k}/{n_rows}] {name} lr " in out  # every run names its method and phase
         run = next(tmp_path.glob(f"tiny-*__{name}__lr*__seed0__*"))
         result = _result(run)
         assert result["status"] == "ok" and result["adapter_delta"] > 0 and result["trainable_params"] > 0
         assert len(result["test"]["acc_scores"]) == 8 and (run / "adapter.safetensors").is_file()
         assert not (run / "checkpoint").exists()
+    for spec in OPTION_ROWS:  # a row of its own, under its own folder, with the option set in its config
+        assert f"| {spec} |" in table
+        result = _result(next(tmp_path.glob(f"tiny-*__{spec.replace(':', '+')}__lr*__seed0__*")))
+        field = spec.split(":")[1].split("=")[0]
+        assert result["status"] == "ok" and result["variant"] == spec and result["config"][field] is True
     assert "scoring valid (4 questions)" in out and "forgetting (32 texts)" in out
-    assert len(_rows(tmp_path)) == len(ll.REGISTRY)
+    assert len(_rows(tmp_path)) == n_rows
     assert (tmp_path / "acc_vs_params.png").stat().st_size > 1000
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert len(scores) == len(ll.REGISTRY) + 1 and all(len(v["test"]) == 8 for v in scores.values())
+    assert len(scores) == n_rows + 1 and all(len(v["test"]) == 8 for v in scores.values())
     # a rerun reuses finished runs instead of training again
     assert _bench_main(tmp_path, cache, "--variants", "lora") == 0
-    assert "finished earlier (ok)" in capsys.readouterr().out and len(_rows(tmp_path)) == len(ll.REGISTRY)
+    assert "finished earlier (ok)" in capsys.readouterr().out and len(_rows(tmp_path)) == n_rows
 
 
 def test_environment_is_recorded_and_keys_the_tiny_base(tmp_path, cache):

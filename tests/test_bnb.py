@@ -84,7 +84,7 @@ def test_hook_variants_train_and_reload(case, bits, tmp_path):
     ll.attach(model, cfg, calibration_data=calibration_for(cfg))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert params and all("lora_" in n for n in params)
-    opt = torch.optim.AdamW(params.values(), lr=lr)
+    opt = CASES[case].optimizer(params.values(), lr=lr)  # the lr is the case's for its optimizer
     got_grad, losses = dict.fromkeys(params, False), []
     for _ in range(STEPS):
         loss = model(**batch()).loss

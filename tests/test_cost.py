@@ -27,9 +27,11 @@ from lora_lite.cost.measure import (
     build_model,
     cpu_peak_supported,
     peak_step_mb,
+    random_batches,
     trainable_params,
 )
 from lora_lite.cost.peft_map import build_peft_model, peft_config
+from lora_lite.runtime import adapter_layers
 from lora_lite.target import find_targets
 from variant_cases import CASES
 
@@ -147,14 +149,19 @@ def test_trainable_params_match_param_specs_and_peft(tiny_qwen):
     import copy
 
     shared = [n for n, method in ll.REGISTRY.items() if hasattr(method, "peft")]
+    calibration = random_batches(tiny_qwen.config.vocab_size, 2, 2, 16, "cpu", 0)
     for spec in (f"{n}:group_size=16" if n == "road" else n for n in shared):
         cfg = parse_variant(spec, 4, None, (ll.ALL_LINEAR,))
         ours = copy.deepcopy(tiny_qwen)
-        ll.attach(ours, cfg)
-        by_spec = sum(torch.Size(s.shape).numel()
-                      for _, m, _ in find_targets(tiny_qwen, cfg)
-                      for s in ll.REGISTRY[cfg.variant].param_specs(m.in_features, m.out_features, cfg).values()
-                      if s.trainable and not s.as_buffer)
+        needs_data = getattr(ll.REGISTRY[cfg.variant], "requires_calibration", False)
+        ll.attach(ours, cfg, calibration_data=calibration if needs_data else None)
+        by_spec, counted = 0, set()  # a tensor several layers share (Lily) counts once
+        for a in adapter_layers(ours).values():
+            for tname, s in ll.REGISTRY[cfg.variant].param_specs(a.d_in, a.d_out, cfg).items():
+                if s.trainable and not s.as_buffer and id(getattr(a, tname)) not in counted:
+                    counted.add(id(getattr(a, tname)))
+                    by_spec += torch.Size(s.shape).numel()
+        assert len(adapter_layers(ours)) == len(find_targets(tiny_qwen, cfg))
         assert trainable_params(ours) == by_spec, spec
         names = [n for n, _, _ in find_targets(tiny_qwen, cfg)]
         peft_model, label = build_peft_model(copy.deepcopy(tiny_qwen), cfg, names)

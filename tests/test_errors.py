@@ -63,6 +63,12 @@ BAD = {
                              r"road_3.*road_1"),
     "delora lambda0=0": (lambda: ll.DeLoRAConfig(r=4, lambda0=0.0), ll.ConfigError, r"lambda0=0.0 must be > 0"),
     "delora lambda0<0": (lambda: ll.DeLoRAConfig(r=4, lambda0=-1.0), ll.ConfigError, r"lambda0=-1.0 must be > 0"),
+    # methods-1 (issue 15, first half)
+    "delora use_rslora": (lambda: ll.DeLoRAConfig(r=4, use_rslora=True), ll.ConfigError,
+                          r"use_rslora does not apply.*lambda0"),
+    "lora_fa r too large": (lambda: ll.LoRAFAConfig(r=40), ll.ConfigError, r"r=40 exceeds"),
+    "olora r too large": (lambda: ll.OLoRAConfig(r=40), ll.ConfigError, r"r=40 exceeds"),
+    "milora r too large": (lambda: ll.MiLoRAConfig(r=40), ll.ConfigError, r"r=40 exceeds"),
 }
 
 

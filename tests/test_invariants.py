@@ -26,7 +26,7 @@ import lora_lite as ll
 from conftest import fresh_model
 from deploy_cases import perturb
 from lora_lite.runtime import adapter_layers, iter_adapters
-from lora_lite.variant import rewrites_weight
+from lora_lite.variant import couples_rows, rewrites_weight
 from variant_cases import CASES, attach_case, gsm8k_batches
 
 TRAIN_STEPS = 6
@@ -237,6 +237,14 @@ def test_merged_equals_hooked(name, dtype, kind):
     perturb(model, std=0.02)  # a trained-sized adapter: logits move by 20-60% of their scale
     hooked = logits(model, kind, dtype)
     assert not torch.equal(hooked, logits(fresh_model(kind, dtype), kind, dtype))
+    if not mergeable(name):  # its change is not a weight (Lily's data-dependent router): refused, nothing touched
+        before = base_state(model) | adapter_tensors(model)
+        with pytest.raises(ll.ConversionError, match="neither merged_weight nor delta_weight"):
+            ll.merge(model)
+        after = base_state(model) | adapter_tensors(model)
+        assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert torch.equal(logits(model, kind, dtype), hooked)
+        return
     adapted = set(adapter_layers(model))
     before = {k: v for k, v in base_state(model).items() if k.rsplit(".", 1)[0] not in adapted}
     assert ll.merge(model) is model
@@ -246,6 +254,11 @@ def test_merged_equals_hooked(name, dtype, kind):
     assert err <= rounding_tol(dtype, kind), f"{name}: merged logits differ from hooked by {err:.3g} (relative)"
     after = base_state(model)
     assert not [k for k in before if not torch.equal(before[k], after[k])], "merge changed a non-adapted tensor"
+
+
+def mergeable(name: str) -> bool:
+    method = ll.REGISTRY[name]
+    return hasattr(method, "delta_weight") or hasattr(method, "merged_weight")
 
 
 def perturbed(name, kind, dtype, seed=0):
@@ -334,7 +347,7 @@ def test_two_named_adapters_each_give_their_own_outputs(name, dtype, kind, tmp_p
 @pytest.mark.parametrize("name,dtype,kind", MATRIX)
 def test_per_row_equals_each_row_alone(name, dtype, kind):
     model = perturbed(name, kind, dtype, seed=1)
-    if rewrites_weight(ll.REGISTRY[name]):
+    if rewrites_weight(ll.REGISTRY[name]) or couples_rows(CASES[name].config(kind)):
         with pytest.raises(ll.AttachStateError, match="cannot route rows"), ll.per_row(model, ["default"] * 4):
             pass
         return

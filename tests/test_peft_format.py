@@ -80,6 +80,7 @@ def test_import_reproduces_peft(rslora, tmp_path):
     ll.import_peft(model, peft_dir)
     cfg = ll.runtime.adapter_config(model)
     assert cfg.variant == "lora" and cfg.r == 4 and len(ll.runtime.adapter_layers(model)) == 6
+    assert (cfg.alpha, cfg.use_rslora) == (8, rslora)  # rsLoRA is kept as the option, not folded into alpha
     err = rel_err(logits(model, ids()), expected)
     print(f"MEASURED import_peft {'rslora' if rslora else 'lora'} {err:.2e}")
     assert err <= 1e-5

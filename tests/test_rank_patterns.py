@@ -170,3 +170,50 @@ def test_a_plain_adapters_file_carries_none_of_the_later_fields(tmp_path):
     header, _ = split(ll.save(model, tmp_path / "patterned.safetensors").read_bytes())
     (entry,) = json.loads(header["__metadata__"]["adapters"]).values()
     assert {"rank_pattern", "alpha_pattern"} <= set(entry["config"]) and "layers" in entry
+
+
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("make_cfg", [
+    lambda: ll.LilyConfig(r=4, stride_a=2, rank_pattern={rf"^{Q0}$": 2}),
+    lambda: ll.VeRAConfig(r=8, rank_pattern={rf"^{Q0}$": 4}),
+    lambda: ll.SHiRAConfig(r=4, rank_pattern={rf"^{Q0}$": 2}),
+], ids=["lily", "vera", "shira"])
+def test_methods_that_share_or_rebuild_state_across_layers_take_each_layers_r(make_cfg, tmp_path):
+    """Lily ties tensors into several layers, VeRA and SHiRA rebuild theirs from the config (group_setup): each
+    must use the layer's own r, also when load rebuilds them from the stored per-layer values."""
+    from conftest import fresh_model
+
+    base = fresh_model("qwen")
+    ids = torch.tensor([[5, 9, 12, 3, 40, 7]])
+    model = copy.deepcopy(base)
+    ll.attach(model, make_cfg())
+    layers = adapter_layers(model)
+    assert layers[Q0].cfg.r < layers["model.layers.1.self_attn.q_proj"].cfg.r
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        trained = model(input_ids=ids).logits
+        assert (trained - base(input_ids=ids).logits).abs().max() > 1e-3
+    if make_cfg().variant == "lily":  # a layer of another rank is in a group of its own, never tied to r=4 ones
+        assert layers[Q0].lora_B is not layers["model.layers.1.self_attn.q_proj"].lora_B
+        assert layers["model.layers.0.self_attn.k_proj"].lora_B is layers["model.layers.1.self_attn.k_proj"].lora_B
+    fresh = copy.deepcopy(base)
+    ll.load(fresh, ll.save(model, tmp_path / "a.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, trained)
+
+
+@pytest.mark.parametrize("method", ["lora_ga", "lora_one"])
+def test_gradient_inits_take_each_layers_r(method):
+    from conftest import fresh_model
+    from variant_cases import gsm8k_batches
+
+    model = fresh_model("qwen")
+    cfg = ll.REGISTRY[method].config(r=4, alpha=8, rank_pattern={rf"^{Q0}$": 2})
+    ll.attach(model, cfg, calibration_data=gsm8k_batches(model))
+    layers = adapter_layers(model)
+    assert layers[Q0].lora_A.shape[0] == 2 and layers["model.layers.1.self_attn.q_proj"].lora_A.shape[0] == 4
+    assert all(torch.isfinite(a.lora_A).all() and a.lora_A.abs().max() > 0 for a in layers.values())

@@ -248,9 +248,10 @@ def test_item6_a_module_registered_under_two_names_is_refused_when_a_file_names_
 @pytest.mark.parametrize("method", REWRITING)
 def test_item8_huge_finite_frozen_factors_are_refused(method, tmp_path):
     """Item 8: a PiSSA file with A0/B0 scaled to ~1e20 (finite) wrote inf into the base weights on load. W - base_delta
-    is now computed and checked before the model is touched, for every weight-rewriting method."""
+    is now computed and checked before the model is touched, for every weight-rewriting method. Each tensor is scaled
+    so its largest entry is 1e20 (LoRA-One's factors start near 1e-3, so a fixed factor of 1e20 would not overflow)."""
     path = ll.save(trained(method), tmp_path / "a.safetensors")
-    rewrite(path, tensors=lambda t: t.update({k: v * 1e20 for k, v in t.items()}))
+    rewrite(path, tensors=lambda t: t.update({k: v * (1e20 / v.abs().max()) for k, v in t.items() if v.any()}))
     model = fresh_model("qwen")
     refused(model, lambda: ll.load(model, path), match="non-finite weights")
 

@@ -99,8 +99,15 @@ def test_item1_interrupted_adapter_removal_puts_every_adapter_back(monkeypatch):
     torch.testing.assert_close(logits(model), hooked, rtol=1e-5, atol=1e-5)
 
 
+class ToyWithLoss(ToyModel):
+    """The toy model returning a scalar loss, so gradient-based inits (LoRA-GA, LoRA-One) get one from a batch."""
+
+    def forward(self, x):
+        return super().forward(x).square().mean()
+
+
 def toy_with_dense_layers():
-    return ToyModel(d=16, ff=32, linear=nn.Linear)
+    return ToyWithLoss(d=16, ff=32, linear=nn.Linear)
 
 
 @pytest.mark.parametrize("method", DATA_DRIVEN)
@@ -108,7 +115,7 @@ def toy_with_dense_layers():
 def test_item7_non_finite_calibration_data_is_a_calibration_error(method, poison):
     """Item 7: EVA attached a NaN adapter from NaN batches; CorDA/ASVD raised a raw _LinAlgError. Every
     data-driven method (from the registry) now refuses the batches before decomposing anything; 1e30 is finite
-    but its square overflows fp32."""
+    but its square overflows fp32 (in the input moments, or in the loss whose gradient LoRA-GA / LoRA-One take)."""
     model = toy_with_dense_layers()
     before = fingerprint(model)
     batch = torch.randn(2, 8, 16)

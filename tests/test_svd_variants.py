@@ -26,10 +26,11 @@ DATA_VARIANTS = {n: m.config for n, m in ll.REGISTRY.items() if getattr(m, "requ
 
 @pytest.fixture(scope="module")
 def batches():
-    """4 left-padded batches of 2 GSM8K questions, tokenised for stories260K."""
+    """4 left-padded batches of 2 GSM8K questions, tokenised for stories260K (labels for the gradient inits)."""
     tok = stories_tokenizer()
     texts = [r["question"] for r in gsm8k_rows("train", 8)]
-    return [dict(tok(texts[i:i + 2], return_tensors="pt", padding=True)) for i in range(0, 8, 2)]
+    batches = [dict(tok(texts[i:i + 2], return_tensors="pt", padding=True)) for i in range(0, 8, 2)]
+    return [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)} for b in batches]
 
 
 def snapshot(model):
@@ -87,9 +88,9 @@ def test_calibration_variants_raise_without_data_and_leave_model(variant, batche
     with pytest.raises(ll.CalibrationError, match="0 non-padding"):  # group_init fails after init ran
         ll.attach(model, cfg, calibration_data=[])
     assert_untouched(model, snap)
-    with pytest.raises(ll.CalibrationError, match="fewer than r=32"):
-        ll.attach(model, DATA_VARIANTS[variant](r=32, target_names=QK), calibration_data=[
-            {"input_ids": batches[0]["input_ids"][:1, -10:]}])
+    short = {k: batches[0][k][:1, -10:] for k in ("input_ids", "labels")}  # 10 tokens for r=16
+    with pytest.raises(ll.CalibrationError, match=r"10 non-padding calibration tokens, fewer than (r=|the )(16|32)"):
+        ll.attach(model, DATA_VARIANTS[variant](r=16, target_names=QK), calibration_data=[short])
     assert_untouched(model, snap)
 
 

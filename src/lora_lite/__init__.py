@@ -26,6 +26,7 @@ from .errors import (
 )
 from .io import load, save
 from .merge import merge
+from .optim import lora_plus_groups
 from .peft_format import export_peft, import_peft
 from .runtime import Adapter, adapter_names, attach, detach, disabled, per_row, set_active
 from .target import find_targets
@@ -36,7 +37,7 @@ __version__ = "0.2.0"
 __all__ = [
     "ALL_LINEAR", "AdapterConfig", "RankConfig", "LowRankConfig", "ParamSpec", "REGISTRY", "register",
     "find_targets", "Adapter", "attach", "detach", "adapter_names", "set_active", "disabled", "per_row",
-    "add_weighted", "save", "load", "merge", "export_peft", "import_peft",
+    "add_weighted", "save", "load", "merge", "export_peft", "import_peft", "lora_plus_groups",
     "LoraLiteError", "ConfigError", "UnknownVariantError", "TargetError", "UnsupportedLayerError", "CalibrationError",
     "AttachStateError", "CheckpointError", "ConversionError", "DistributedError",
 ]

@@ -1,7 +1,8 @@
 """Typed adapter configs.
 
 `AdapterConfig` holds what every method shares: the storage dtype of the adapter tensors and the targeting
-fields. `RankConfig` adds r, `LowRankConfig` r and alpha (s = alpha / r), for the methods that have them. Each method subclasses one of them in
+fields. `RankConfig` adds r, `LowRankConfig` r and alpha (s = alpha / r, or alpha / √r with
+use_rslora), for the methods that have them. Each method subclasses one of them in
 its own file and adds its own knobs; its registration (lora_lite.variant.register) sets the config's `variant`
 name, so a config only carries the fields its method uses. `to_dict`/`from_dict` round-trip a config through
 JSON so a checkpoint can rebuild it without pickle. Every field is checked against its annotation on
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,8 +26,9 @@ from .patterns import check_pattern
 from .typecheck import check_field, short_repr
 
 ALL_LINEAR = "all-linear"
-# fields added after file format v2 was introduced (layer kinds, patterns, extras), written only when set
-LATER_FIELDS = ("target_parameters", "modules_to_save", "trainable_token_indices", "rank_pattern", "alpha_pattern")
+# fields added after file format v2 was introduced (layer kinds, patterns, extras, rsLoRA), written only when set
+LATER_FIELDS = ("target_parameters", "modules_to_save", "trainable_token_indices", "rank_pattern", "alpha_pattern",
+                "use_rslora")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -97,7 +100,7 @@ class AdapterConfig:
         d = dataclasses.asdict(self)
         d["variant"] = self.variant
         d["dtype"] = None if self.dtype is None else str(self.dtype).removeprefix("torch.")
-        return {k: v for k, v in d.items() if not (k in LATER_FIELDS and v in ((), {}))}
+        return {k: v for k, v in d.items() if not (k in LATER_FIELDS and (v in ((), {}) or v is False))}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
@@ -148,10 +151,17 @@ class RankConfig(AdapterConfig):
 @dataclass
 class LowRankConfig(RankConfig):
     """alpha        scale numerator: additive methods use s = alpha / r.
-    alpha_pattern {regex: alpha} per layer, like rank_pattern (PEFT's alpha_pattern)."""
+    alpha_pattern {regex: alpha} per layer, like rank_pattern (PEFT's alpha_pattern).
+    use_rslora   rank-stabilized scaling, s = alpha / √r (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor
+                 for Fine-Tuning with LoRA", arXiv 2312.03732): with alpha / r the update shrinks as r grows, so high
+                 ranks learn slowly; alpha / √r keeps its size independent of r. PEFT's `use_rslora`. Every method
+                 that uses `scale` honours it (per layer, with that layer's r and alpha); one whose strength is not
+                 alpha-based refuses it in its `check`.
+    """
 
     alpha: float = 16.0
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict, kw_only=True)
+    use_rslora: bool = dataclasses.field(default=False, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -160,7 +170,7 @@ class LowRankConfig(RankConfig):
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 # The per-layer fields patterns set, and the pattern field that sets each.

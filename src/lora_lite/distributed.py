@@ -261,7 +261,8 @@ def adapter_entries(model: nn.Module, name: str | None = None) -> dict:
                     raise DistributedError(f"{lname}.{tname} has shape {tuple(t.shape)}, expected {want}: "
                                            "it is a flattened FSDP1 shard. Call save inside "
                                            "FSDP.summon_full_params(model, writeback=False), or use FSDP2 (fully_shard)")
-                tensors[f"{lname}.{tname}"] = t.to("cpu").contiguous()
+                # copy=True: a tensor several layers share (Lily) is written once per layer, never aliased
+                tensors[f"{lname}.{tname}"] = t.to("cpu", copy=True).contiguous()
         info, extra_tensors = entry_info(model, n, layers)
         out[n] = (groups[n][0].attached_cfg, list(layers), tensors | extra_tensors, info)
     return out

@@ -100,7 +100,8 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> 
     entries = {}
     for n in [name] if name is not None else groups:
         layers = adapter_layers(model, n)
-        tensors = {f"{lname}.{t}": getattr(a, t).detach().to("cpu").contiguous()
+        # copy=True: a tensor several layers share (Lily) is written once per layer, never as aliased storage
+        tensors = {f"{lname}.{t}": getattr(a, t).detach().to("cpu", copy=True).contiguous()
                    for lname, a in layers.items() for t in a.tensor_names}
         info, extra_tensors = entry_info(model, n, layers)
         if getattr(groups[n][0].variant, "needs_dense_weight", False):

@@ -19,12 +19,12 @@ expert parameters (on DeepSeek-V3, Qwen3-MoE and the other models it converts, a
 `gate_proj` / `up_proj` / `down_proj` target becomes the experts' parameter, and its adapter is dropped with
 only a warning). That check runs PEFT's own conversion, so it needs peft installed for those model types.
 
-import_peft reads a LoRA directory into our `lora` variant with the same r and scale (rsLoRA's α/√r is
-folded into alpha), on every layer kind above, with rank_pattern / alpha_pattern resolved per layer by PEFT's
-rule, fan_in_fan_out, modules_to_save, target_parameters and trainable_token_indices. Targets come from the
+import_peft reads a LoRA directory into our `lora` variant with the same r, lora_alpha and use_rslora (rsLoRA
+stays the option, s = alpha/√r on each layer), on every layer kind above, with rank_pattern / alpha_pattern
+resolved per layer by PEFT's rule, fan_in_fan_out, modules_to_save, target_parameters and trainable_token_indices. Targets come from the
 tensor keys, so PEFT's target_modules/layers_to_transform rules never need re-implementing. Config fields that
 change the math (use_dora, bias, ...) are refused, as are adapters that expect a rewritten base (PiSSA/OLoRA/
-CorDA/LoftQ saved without conversion). Tensors are upcast to fp32, like PEFT's default autocast_adapter_dtype.
+CorDA/LoftQ/LoRA-GA saved without conversion). Tensors are upcast to fp32, like PEFT's default autocast_adapter_dtype.
 
 export_peft writes the weights first, then the config, each atomically, and stores the config it is about to
 write in the weights file's metadata (`lora_lite_export_config`). An export interrupted between the two leaves
@@ -214,7 +214,7 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defa
     """Attach the PEFT LoRA in `peft_dir` to `model` as a lora-lite `lora` adapter named `name`."""
     src = _peft_dir(peft_dir)
     conf = _read_config(src / CONFIG_FILE)
-    r, alpha = _check_config(conf, src)
+    r, alpha, rslora = _check_config(conf, src)
     with CheckedFile(src / WEIGHTS_FILE, "import_peft()", PEFT_WEIGHTS) as f:
         _check_export_pair(f.meta, conf, src)
         tensors = f.read(f.entries)
@@ -264,12 +264,12 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, name: str = "defa
         if layer_r != _peft_pattern(conf.get("rank_pattern"), pattern_key, conf["r"]):
             raise CheckpointError(f"{str(src)!r}: {key!r} has rank {layer_r} but its config gives that layer "
                                   f"r={_peft_pattern(conf.get('rank_pattern'), pattern_key, conf['r'])}")
-        own = {"r": layer_r, "alpha": layer_alpha * math.sqrt(layer_r) if conf.get("use_rslora") else layer_alpha}
+        own = {"r": layer_r, "alpha": layer_alpha}  # use_rslora stays the option: s = alpha / √r on each layer
         values[lname] = {k: v for k, v in own.items() if v != {"r": r, "alpha": alpha}[k]}
         (params if kind == "experts" else names).append((lname, pattern_key))
     exact = lambda n: f"^{re.escape(n)}$"  # noqa: E731
     info, extra_tensors = _extras_of(model, modules, saved, rows, src)
-    cfg = LoRAConfig(r=r, alpha=alpha, exclude_names=(),
+    cfg = LoRAConfig(r=r, alpha=alpha, use_rslora=rslora, exclude_names=(),
                      target_names=tuple(exact(n) for n, _ in sorted(names)) or ("^$",),
                      target_parameters=tuple(exact(p) for _, p in sorted(params)),
                      rank_pattern={exact(n): v["r"] for n, v in values.items() if "r" in v},
@@ -419,7 +419,7 @@ def _check_export_pair(meta: dict[str, str], conf: dict, src: Path) -> None:
                               "export again")
 
 
-def _check_config(conf: dict, src: Path) -> tuple[int, float]:
+def _check_config(conf: dict, src: Path) -> tuple[int, float, bool]:
     if conf.get("peft_type") != "LORA":
         raise ConversionError(f"{str(src)!r} is a PEFT {short_repr(conf.get('peft_type'))} adapter; only LORA can be "
                               "imported")
@@ -439,13 +439,13 @@ def _check_config(conf: dict, src: Path) -> tuple[int, float]:
                                   "DoRA, no layer replication) can be imported")
     _check_read_fields(conf, src)
     rslora = conf.get("use_rslora", False)
+    rslora = False if rslora is None else rslora  # null in hand-written configs means off
     try:
         r = check_field(LoRAConfig, "r", conf.get("r"))
         alpha = check_field(LoRAConfig, "alpha", conf.get("lora_alpha"))
         if not isinstance(rslora, bool) or r < 1:
             raise ConfigError("expected r >= 1 and use_rslora true or false")
-        # rsLoRA scales by alpha/√r; our scale is alpha/r, so alpha·√r gives the same factor.
-        return r, check_field(LoRAConfig, "alpha", alpha * math.sqrt(r) if rslora else alpha)
+        return r, alpha, rslora  # rsLoRA stays the option (s = alpha/√r), not folded into alpha
     except ConfigError as e:
         raise CheckpointError(f"{str(src)!r} has r={short_repr(conf.get('r'))}, lora_alpha="
                               f"{short_repr(conf.get('lora_alpha'))}, use_rslora={short_repr(rslora)}: {e}") from None

@@ -38,8 +38,12 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.
             data, state = bnb_f._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
         return bnb_f.dequantize_4bit(data, state).to(dtype)
     if kind == "Int8Params":
-        codes = w.CB if w.CB is not None else w.data
-        return (codes.to(torch.float32) * (w.SCB.to(torch.float32)[:, None] / 127)).to(dtype)
+        # the first forward moves CB and SCB from the weight to the layer's MatmulLtState (init_8bit_state)
+        state = getattr(layer, "state", None)
+        scales = w.SCB if w.SCB is not None else getattr(state, "SCB", None)
+        codes = w.CB if w.CB is not None else getattr(state, "CB", None)
+        codes = w.data if codes is None else codes
+        return (codes.to(torch.float32) * (scales.to(torch.float32)[:, None] / 127)).to(dtype)
     raise UnsupportedLayerError(f"cannot read the weight of {type(layer).__name__}: its {kind} weight of dtype {w.dtype} "
                                 "is not a float tensor, a bitsandbytes Params4bit or an Int8Params. Load the base "
                                 "unquantized or in bitsandbytes 4/8-bit")

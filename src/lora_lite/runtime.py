@@ -54,7 +54,15 @@ from .layer_kinds import KINDS, kind_of
 from .save_guard import guard, unguard
 from .target import plan_targets
 from .transaction import ModelSnapshot
-from .variant import REGISTRY, autocast_off, hook_only_methods, layer_kinds, rewrites_weight, variant_named
+from .variant import (
+    REGISTRY,
+    autocast_off,
+    couples_rows,
+    hook_only_methods,
+    layer_kinds,
+    rewrites_weight,
+    variant_named,
+)
 
 CONTAINER = "lora_adapters"
 FROZEN_ATTR = "_lora_lite_frozen"  # on the module attach was called on: the base parameters it froze
@@ -393,6 +401,8 @@ def install(model, name, cfg, targets, *, tensors, calibration_data, layer_value
             layer.lora_adapters[name] = a
             added.append(a)  # registered first, so a failure below is rolled back
             _add_tensors(a, lname, specs, tensors)
+        if hasattr(variant, "group_setup"):  # on attach and on load: what layers share, or what the config rebuilds
+            variant.group_setup(model, added, cfg, loaded=tensors is not None)
         if tensors is None and hasattr(variant, "init"):
             for a in added:
                 variant.init(a)
@@ -570,6 +580,11 @@ def per_row(model: nn.Module, names: Iterable[str | None]):
         raise AttachStateError(f"per_row cannot route rows to or around {whole}: modules trained whole, trained "
                                "embedding rows and expert parameters act on the whole batch (or on tokens, not "
                                "rows). Run those rows separately with set_active")
+    coupled = sorted({n for n in names if n is not None and couples_rows(groups[n][0].attached_cfg)})
+    if coupled:
+        raise AttachStateError(f"per_row cannot route rows to {coupled}: with this config a row's output depends on "
+                               "the other rows of the batch, so no row can run as if alone. Run those rows "
+                               "separately with set_active, or pick the method's per-token option (see its docstring)")
     adapters = iter_adapters(model)
     before = [(a, a.active, a.rows, a.routed_batch) for a in adapters]
     try:

@@ -1,4 +1,5 @@
-"""Top-r SVD of a weight, shared by every SVD-based variant (pissa, lora_xs, the antipasto family).
+"""Top-r SVD of a weight, shared by every SVD-based variant (pissa, lora_xs, the antipasto family), and the
+bottom-r one (milora).
 
 method="full" runs torch.linalg.svd in fp32 and keeps the top r: exact, O(d_out·d_in·min(d)).
 method="lowrank" runs torch.svd_lowrank(q=r + oversample, niter): a randomized range finder,
@@ -62,3 +63,11 @@ def top_r_svd(W: torch.Tensor, r: int, method: str = DEFAULT_SVD, niter: int = D
         torch.manual_seed(W.shape[0] * 1_000_003 + W.shape[1])
         U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
     return U[:, :r].contiguous(), S[:r].contiguous(), V[:, :r].T.contiguous()
+
+
+@torch.no_grad()
+def bottom_r_svd(W: torch.Tensor, r: int):
+    """The r smallest singular triplets of W, U (d_out, r), S (r,) (descending, the tail of the spectrum), Vh (r, d_in),
+    in fp32. Always the exact SVD: a randomized range finder only finds the top of the spectrum."""
+    U, S, Vh = torch.linalg.svd(W.detach().to(torch.float32), full_matrices=False)
+    return U[:, -r:].contiguous(), S[-r:].contiguous(), Vh[-r:].contiguous()

@@ -21,6 +21,11 @@ Attach time (optional)
                                                 a.base.weight, never writes it
     group_init(model, adapters, cfg, data)      model-level or data-driven init, run with the hooks live;
                                                 adapters is the list of this attach's Adapter modules
+    group_setup(model, adapters, cfg, loaded)   runs on attach (tensors made, before init) and on load (the
+                                                file's tensors in place, loaded=True): ties one Parameter into
+                                                the layers that share it (Lily), or rebuilds frozen state from
+                                                the config instead of storing it (VeRA's projections, SHiRA's
+                                                mask). adapters: this attach's / load's Adapter modules
     requires_calibration = True                 attach refuses to start without calibration_data
     needs_dense_weight = True                   init or forward reads (DoRA) or rewrites (PiSSA) a dense float
                                                 nn.Linear weight; quantized layers are refused up front
@@ -51,8 +56,12 @@ Facts the rest of the package reads (optional unless noted)
                                                 Optional (0); the cost report's ideal ratio counts it
     bench = {"r": .., "alpha": number | "r", "lr": {preset: lr}, "targets": (..), "knobs": {..}}
                                                 benchmark defaults (lora_lite.bench.presets.defaults_row)
+    couples_rows(cfg) -> bool                   True when a row's output depends on the batch's other rows
+                                                (Lily's batch-mean router); per_row refuses such an adapter
     peft(cfg, target_names) -> (PeftConfig, label) | None
                                                 PEFT's equivalent, for the parity tests and the cost report
+    peft_prepare(peft_model, cfg)               what PEFT does to its model beyond the config to get the same
+                                                method (LoRA-FA: freeze lora_A, as create_lorafa_optimizer does)
 """
 
 from __future__ import annotations
@@ -164,6 +173,12 @@ def config_class(name: str) -> type[AdapterConfig]:
 
 def rewrites_weight(variant: type) -> bool:
     return hasattr(variant, "base_delta")
+
+
+def couples_rows(cfg: AdapterConfig) -> bool:
+    """Whether, under this config, an adapter's output for one batch row depends on the other rows."""
+    fact = getattr(variant_named(cfg.variant), "couples_rows", None)
+    return bool(fact(cfg)) if fact is not None else False
 
 
 def hook_only_methods() -> list[str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import distributed as lld
 from ..cli_args import CliParser, nonnegative_int, positive_float, positive_int, threads, usage_error
 from ..errors import LoraLiteError
-from .presets import PRESETS
+from .presets import OPTION_ROWS, PRESETS
 from .train import Interrupted
 
 PROG = "lora-lite bench"
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", choices=("benchmark", "probe"), default="benchmark",
                     help="probe: a few steps, then check that a perturbed adapter moves the logits and that "
                          "save/load reproduces the trained model")
-    ap.add_argument("--variants", nargs="+", default=None, help="variant names (default: every registered one)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="variant names, or 'name:field=value,...' for a row with options (default: every "
+                         "registered one, plus " + ", ".join(OPTION_ROWS) + ")")
     ap.add_argument("--full", action="store_true",
                     help="the published table: --lr-sweep --seeds 0 1 2 (every variant unless --variants)")
     ap.add_argument("--seeds", nargs="+", type=nonnegative_int, default=None,

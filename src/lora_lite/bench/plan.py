@@ -16,7 +16,7 @@ from pathlib import Path
 from ..cli_args import auto_threads, check_output_dir, parse_knob, split_knob
 from ..config import config_class
 from ..errors import ConfigError, LoraLiteError
-from .presets import PRESETS, Preset, VariantSettings, lr_grid, variant_settings
+from .presets import OPTION_ROWS, PRESETS, Preset, VariantSettings, lr_grid, split_spec, variant_settings
 
 FULL_SEEDS = (0, 1, 2)
 DEFAULT_LR_POINTS, DEFAULT_LR_DECADES, DEFAULT_RELOAD_TOL = 5, 1.0, 2e-2
@@ -35,7 +35,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 @dataclass(frozen=True)
 class MethodPlan:
-    variant: str
+    variant: str                # the row: a method, or a method with options ("lora:use_rslora=true")
     settings: VariantSettings   # at the table's (or --lr's) learning rate
     lrs: tuple[float, ...]      # the sweep grid, or the one lr
     seeds: tuple[int, ...]
@@ -102,8 +102,8 @@ def resolve(args) -> Plan:
                               f"{preset.model}")
     _check_sources(preset, args.mode)
 
-    variants = args.variants or sorted(ll.REGISTRY)
-    unknown = [v for v in variants if v not in ll.REGISTRY]
+    variants = args.variants or [*sorted(ll.REGISTRY), *OPTION_ROWS]
+    unknown = [v for v in variants if split_spec(v)[0] not in ll.REGISTRY]
     if unknown:
         raise ConfigError(f"unknown variants {unknown}; registered: {', '.join(sorted(ll.REGISTRY))}")
     if len(set(variants)) != len(variants):
@@ -116,10 +116,11 @@ def resolve(args) -> Plan:
     methods = []
     for variant in variants:
         try:
-            vs = variant_settings(variant, preset, lr=args.lr, r=args.r, alpha=args.alpha,
+            vs = variant_settings(split_spec(variant)[0], preset, lr=args.lr, r=args.r, alpha=args.alpha,
                                   targets=tuple(args.targets) if args.targets else None, knobs=knobs[variant])
         except LoraLiteError as e:
             raise ConfigError(f"{variant}: {e}") from None
+        vs = dataclasses.replace(vs, label=variant)
         lrs = tuple(lr_grid(vs.lr, points, decades)) if sweep else (vs.lr,)
         methods.append(MethodPlan(variant, vs, lrs, seeds if args.mode == "benchmark" else (0,), sweep))
 
@@ -151,18 +152,26 @@ def _preset(args) -> Preset:
 
 
 def _knobs(items: list[str], variants: list[str]) -> dict[str, dict]:
-    """--set KEY=VALUE, typed per selected variant (a key applies to the variants whose config has it)."""
+    """--set KEY=VALUE, typed per selected row (a key applies to the rows whose method's config has it), then
+    each row's own options ("lora:use_rslora=true"), which win over --set for that row."""
     out: dict[str, dict] = {v: {} for v in variants}
     for item in items:
         key, raw = split_knob(item, "--set")
         if key in _OWN_FLAGS:
             raise ConfigError(f"--set {item}: {key} has its own flag, {_OWN_FLAGS[key]}")
-        takers = [v for v in variants if key in {f.name for f in dataclasses.fields(config_class(v))}]
+        takers = [v for v in variants if key in {f.name for f in dataclasses.fields(config_class(split_spec(v)[0]))}]
         if not takers:
             raise ConfigError(f"--set {item}: no selected variant has a config field {key!r} "
                               f"(selected: {', '.join(variants)})")
         for v in takers:
-            out[v][key] = parse_knob(config_class(v), key, raw, f"--set {item}")
+            out[v][key] = parse_knob(config_class(split_spec(v)[0]), key, raw, f"--set {item}")
+    for v in variants:
+        name, options = split_spec(v)
+        for item in options:
+            key, raw = split_knob(item, f"variant spec {v!r}")
+            if key in _OWN_FLAGS:
+                raise ConfigError(f"variant spec {v!r}: {key} has its own flag, {_OWN_FLAGS[key]}")
+            out[v][key] = parse_knob(config_class(name), key, raw, f"variant spec {v!r}")
     return out
 
 
@@ -321,10 +330,10 @@ def describe(plan: Plan, base_cached: bool) -> str:
                      "busy machine is slower, and the ETA after each run follows the real pace")
     if plan.mode == "benchmark" and not plan.full:
         import lora_lite as ll
-        runs = full_table_runs(len(ll.REGISTRY))
+        runs = full_table_runs(len(ll.REGISTRY) + len(OPTION_ROWS))
         per_run = run_seconds(plan)
         eta = f", about {duration(per_run * runs)} on 2 CPU cores" if per_run else ""
         flag = "" if p.name == "tiny" else f" --preset {p.name}"
-        lines.append(f"  the full table (every method, lr sweep, 3 seeds: {runs} runs): lora-lite bench{flag} "
+        lines.append(f"  the full table (every method and option row, lr sweep, 3 seeds: {runs} runs): lora-lite bench{flag} "
                      f"--full{eta}")
     return "\n".join(lines)

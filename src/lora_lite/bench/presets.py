@@ -75,6 +75,18 @@ PRESETS = {
                    checkpoint_every=250),
 }
 
+# Rows for an option of a registered method rather than a method of its own, as "name:field=value,...":
+# `lora-lite bench` and `lora-lite cost` run them beside every registered method, with the method's row of
+# defaults (the rsLoRA row is the lora row, same r, alpha and lr, with s = alpha/√r instead of alpha/r).
+OPTION_ROWS = ("lora:use_rslora=true",)
+
+
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """'lora:use_rslora=true,alpha=8' -> ('lora', ['use_rslora=true', 'alpha=8'])."""
+    name, _, rest = spec.partition(":")
+    return name, [item for item in rest.split(",") if item]
+
+
 def defaults_row(variant: str) -> dict | None:
     """The method's benchmark defaults, as registered in its own file (`bench = {...}`); None if it has none."""
     return getattr(variant_named(variant), "bench", None)
@@ -87,6 +99,7 @@ class VariantSettings:
     default_lr: float
     default_r: int | None
     notes: tuple[str, ...]
+    label: str = ""  # the row's name: the method, or its spec with options ("lora:use_rslora=true")
 
     def at_lr(self, lr: float) -> VariantSettings:
         return dataclasses.replace(self, lr=lr)
@@ -127,7 +140,7 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
         raise ConfigError(f"{variant}: unknown config fields {unknown} (from --set or the defaults table); "
                           f"{cls.__name__} has {sorted(f for f in fields if f != 'variant')}")
     return VariantSettings(cfg=cls(**kwargs), lr=lr if lr is not None else default_lr, default_lr=default_lr,
-                           default_r=default_r, notes=tuple(notes))
+                           default_r=default_r, notes=tuple(notes), label=variant)
 
 
 def lr_grid(center: float, points: int, decades: float) -> list[float]:

@@ -1,9 +1,10 @@
 """`--mode probe`: the prototype's quick real-model proof, per variant (seed_spec §5.5).
 
-1. Before training, nudge one trainable adapter tensor by +0.25 (the first by a priority list of names) and
-   require the logits to move (> 1e-7), then restore it: the adapter is wired into the forward.
-2. Train a few steps, save, load into a fresh copy of the base, and require every saved tensor to come back
-   bit-equal and the logits to match within --reload-tol.
+1. Train a few steps, then nudge the first entry of every trainable adapter tensor by +0.25 and require the
+   logits to move (> 1e-7), then restore them: the adapter is wired into the forward. (After training, not
+   before: SingLoRA's ramp keeps its adapter out of the forward at step 0 by design.)
+2. Save, load into a fresh copy of the base, and require every saved tensor to come back bit-equal and the
+   logits to match within --reload-tol.
 """
 
 from __future__ import annotations
@@ -41,19 +42,20 @@ def probe_one(bench, vs, stop, reload_tol: float, label: str) -> dict:
     batches, _ = bench.train_batches(0)
     variant = ll.REGISTRY[vs.cfg.variant]
     data_driven = getattr(variant, "requires_calibration", False) or hasattr(variant, "group_init")
-    calibration = ([{k: b[k].to(bench.opt.device) for k in ("input_ids", "attention_mask")} for b in batches[:4]]
-                   if data_driven else None)
+    # labels too: gradient-based inits (lora_ga, lora_one) start from the training loss's gradient
+    calibration = ([{k: b[k].to(bench.opt.device) for k in ("input_ids", "attention_mask", "labels")}
+                    for b in batches[:4]] if data_driven else None)
     model = copy.deepcopy(bench.model)
     torch.manual_seed(0)
     attach_or_resume(model, vs.cfg, run_dir, calibration)
     inputs = {k: batches[0][k].to(bench.opt.device) for k in ("input_ids", "attention_mask", "position_ids")}
+    stats = train(model, batches, TrainSettings(steps=bench.p.steps, lr=vs.lr, grad_accum=bench.p.grad_accum),
+                  run_dir, stop=stop, label=f"{label}: train")
     model.eval()
     name, moved = perturb_effect(model, inputs)
     if not moved > 1e-7:
         raise LoraLiteError(f"probe {vs.cfg.variant}: nudging {name} by 0.25 moved the logits by {moved:g}; the "
                             "adapter is not in the forward pass")
-    stats = train(model, batches, TrainSettings(steps=bench.p.steps, lr=vs.lr, grad_accum=bench.p.grad_accum),
-                  run_dir, stop=stop, label=f"{label}: train")
     path = ll.save(model, run_dir / "adapter.safetensors")
     with torch.no_grad():
         trained = model(**inputs).logits.float()

@@ -214,7 +214,8 @@ class Bench:
                 "variant": vs.cfg.variant, "config": vs.cfg.to_dict(), "lr": vs.lr, "seed": seed}
 
     def run_id(self, vs: VariantSettings, seed: int) -> str:
-        return f"{self.model_tag}__{vs.cfg.variant}__lr{vs.lr:g}__seed{seed}__{settings_key(self.run_settings(vs, seed))}"
+        row = (vs.label or vs.cfg.variant).replace(":", "+").replace(",", "+")  # lora:use_rslora=true -> lora+use_rslora=true
+        return f"{self.model_tag}__{row}__lr{vs.lr:g}__seed{seed}__{settings_key(self.run_settings(vs, seed))}"
 
     # ---- scoring -------------------------------------------------------------------------------------------
     def score(self, model, rows, label: str) -> dict:
@@ -274,7 +275,7 @@ class Bench:
         settings = self.run_settings(vs, seed)
         key = settings_key(settings)
         run_dir = self.opt.output_dir / self.run_id(vs, seed)
-        label = label or f"{cfg.variant} lr {vs.lr:g} seed {seed}"
+        label = label or f"{vs.label or cfg.variant} lr {vs.lr:g} seed {seed}"
         done = run_dir / "result.json"
         self.reused = done.is_file() and not self.opt.overwrite
         if self.reused:
@@ -298,7 +299,8 @@ class Bench:
                      f"max_seq_length={p.max_seq_length} tokens and are left out")
         variant = ll.REGISTRY[cfg.variant]
         data_driven = getattr(variant, "requires_calibration", False) or hasattr(variant, "group_init")
-        calibration = ([{k: b[k].to(self.opt.device) for k in ("input_ids", "attention_mask")}
+        # labels too: gradient-based inits (lora_ga, lora_one) start from the training loss's gradient
+        calibration = ([{k: b[k].to(self.opt.device) for k in ("input_ids", "attention_mask", "labels")}
                         for b in batches[:CALIBRATION_BATCHES]] if data_driven else None)
         model = copy.deepcopy(self.model)
         torch.manual_seed(seed)
@@ -311,7 +313,7 @@ class Bench:
         n_trainable = sum(p_.numel() for _, p_ in trainable_named(model))
         train_settings = TrainSettings(steps=p.steps, lr=vs.lr, grad_accum=p.grad_accum,
                                        checkpoint_every=p.checkpoint_every)
-        result = {"run_id": run_dir.name, "variant": cfg.variant, "preset": p.name, "model": p.model, "seed": seed,
+        result = {"run_id": run_dir.name, "variant": vs.label or cfg.variant, "preset": p.name, "model": p.model, "seed": seed,
                   "lr": vs.lr, "default_lr": vs.default_lr, "r": getattr(cfg, "r", None),
                   "alpha": getattr(cfg, "alpha", None), "config": cfg.to_dict(),
                   "targets": list(ll.runtime.adapter_layers(model)), "trainable_params": n_trainable,
@@ -362,8 +364,8 @@ def adapter_change(model, init: dict) -> tuple[float, dict]:
 def check_training(result: dict) -> None:
     t = result["train"]
     if t["resumed_from_step"] == 0 and not (t["first_grad_norm"] and t["first_grad_norm"] > 0):
-        raise LoraLiteError(f"{result['run_id']}: the first adapter gradient norm is {t['first_grad_norm']}; "
-                            "no gradient reaches the adapter (a zero-gradient init?)")
+        raise LoraLiteError(f"{result['run_id']}: the adapter gradient norm is {t['first_grad_norm']} in the first "
+                            "two steps; no gradient reaches the adapter (a zero-gradient init?)")
     if t["base_grad_leaks"]:
         raise LoraLiteError(f"{result['run_id']}: {t['base_grad_leaks']} base parameters received gradients")
     if not result["adapter_delta"] > 0:

@@ -249,8 +249,8 @@ def train(model, batches: list[dict], s: TrainSettings, run_dir: Path, start_ste
                 (loss / s.grad_accum).backward()
             step_loss += loss_value / s.grad_accum
         grad_norm = sum(p.grad.norm().item() for p in params if p.grad is not None)
-        if first_grad_norm is None:
-            first_grad_norm = grad_norm
+        if not first_grad_norm and step < start_step + 2:  # within two steps, as the invariant matrix asks:
+            first_grad_norm = grad_norm                      # SingLoRA's ramp gives A no gradient at step 0
         total = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         if not torch.isfinite(total):
             _diverged(run_dir, step, f"gradient norm is {total.item()}", s.lr)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..bench.presets import OPTION_ROWS
 from ..cli_args import (
     CliParser,
     check_output_file,
@@ -55,7 +56,8 @@ PRESETS = {"anchor": ModelShape(), "qwen3-0.6b": QWEN3_0_6B, "qwen3-moe": QWEN3_
 TABLES = ("steps", "attach", "moe")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # pissa defaults to the randomized SVD; the exact one is the other row PEFT has (init_lora_weights="pissa").
-EXTRA_ROWS = ("pissa:svd=full",)
+# OPTION_ROWS (rsLoRA) are the benchmark's rows for options of a method.
+EXTRA_ROWS = ("pissa:svd=full", *OPTION_ROWS)
 
 
 def default_variants() -> list[str]:

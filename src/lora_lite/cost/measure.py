@@ -59,8 +59,10 @@ def build_model(shape: ModelShape, dtype: torch.dtype, device: str, seed: int = 
 
 
 def random_batches(vocab: int, n: int, batch: int, seq: int, device: str, seed: int) -> list[dict]:
+    """Random-token batches; labels = input_ids, so gradient-based inits (lora_ga, lora_one) get a loss."""
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=g).to(device)} for _ in range(n)]
+    ids = [torch.randint(0, vocab, (batch, seq), generator=g).to(device) for _ in range(n)]
+    return [{"input_ids": t, "labels": t} for t in ids]
 
 
 class Step:

@@ -1,7 +1,7 @@
 """The PEFT adapter that matches a lora-lite config: same target modules (by full name), same r and knobs.
 
-Each method states its PEFT equivalent in its own registration (`peft(cfg, target_names)`); this module is
-the one place that reads it. The parity tests (tests/test_peft_parity.py) check that these pairs compute the
+Each method states its PEFT equivalent in its own registration (`peft(cfg, target_names)`, and `peft_prepare`
+where PEFT needs a step beyond its config); this module is the one place that reads them. The parity tests (tests/test_peft_parity.py) check that these pairs compute the
 same outputs and gradients; the cost report builds them side by side with ours.
 """
 
@@ -25,4 +25,8 @@ def build_peft_model(model, cfg: AdapterConfig, target_names: list[str]):
     if mapped is None:
         return None, "no PEFT equivalent"
     pcfg, label = mapped
-    return peft.get_peft_model(model, pcfg), label
+    peft_model = peft.get_peft_model(model, pcfg)
+    prepare = getattr(variant_named(cfg.variant), "peft_prepare", None)
+    if prepare is not None:
+        prepare(peft_model, cfg)
+    return peft_model, label

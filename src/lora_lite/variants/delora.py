@@ -51,6 +51,9 @@ class DeLoRA:
 
     @staticmethod
     def check(d_in, d_out, cfg):  # any r: the normalised factors need no r <= min(d_in, d_out)
+        if cfg.use_rslora:
+            raise ConfigError("delora: use_rslora does not apply; DeLoRA's strength is lambda0 (the update is "
+                              "normalised and scaled by λ/r, never by alpha), so drop use_rslora and tune lambda0")
         if not cfg.lambda0 > 0:
             raise ConfigError(f"delora: lambda0={cfg.lambda0} must be > 0, otherwise no gradient reaches A or B")
 

@@ -1,6 +1,6 @@
 """LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
 
-    y' = y + s · (x Aᵀ) Bᵀ,      s = alpha / r
+    y' = y + s · (x Aᵀ) Bᵀ,      s = alpha / r   (alpha / √r with use_rslora: rsLoRA, arXiv 2312.03732)
     A: (r, d_in)  kaiming-uniform, trainable        B: (d_out, r)  zeros, trainable
 
 Identity at init is exact because B = 0. Trainable params per layer: r·(d_in + d_out). Any r works, also
@@ -32,10 +32,11 @@ def add_low_rank(base, h, B):
 
 
 def peft_lora(cfg, targets, **extra):
-    """PEFT's LoraConfig with our r, alpha and exact target names (shared by the LoRA family)."""
+    """PEFT's LoraConfig with our r, alpha, rsLoRA flag and exact target names (shared by the LoRA family)."""
     import peft
 
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=list(targets), **extra)
+    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, use_rslora=cfg.use_rslora, lora_dropout=0.0,
+                           target_modules=list(targets), **extra)
 
 
 @register
