@@ -78,7 +78,7 @@ def test_nll_in_bounded_chunks_equals_the_plain_computation(tiny_qwen):
 
 def _cost_row(name, step, floor):
     return {"variant": name, "params": 10, "file_mb": 0.1, "macs": 1000, "init_ms": 1.0, "fwd": 1.0, "step": step,
-            "floor_step": floor, "floor_fwd": 1.0, "ratio": step / floor, "peak_mb": 1.0}
+            "floor_step": floor, "floor_fwd": 1.0, "ratio": step / floor, "ideal": 1.1, "peak_mb": 1.0}
 
 
 def test_cost_columns_agree_and_noise_reads_as_a_tie():
