@@ -118,7 +118,7 @@ class _Compute:
     def __getattr__(self, attr):
         value = getattr(self._adapter, attr)
         if (attr.startswith("lora_") and isinstance(value, torch.Tensor) and value.is_floating_point()
-                and value.dtype != self._dtype):
+                and value.dtype != self._dtype):  # fp32 master in an fp32 model: no cast node, no grad-mode switch
             with torch.enable_grad():  # the cast is cached: one made first under no_grad must still carry grads
                 value = value.to(self._dtype)
         setattr(self, attr, value)
@@ -137,10 +137,10 @@ def _output_hook(layer, args, y):
     for a in adapters:
         forward = a.variant.forward
         if a.rows is None:
-            y = forward(_Compute(a, dtype), x, y).to(dtype)
+            y = _as(forward(_Compute(a, dtype), x, y), dtype)
         else:
             rows = _routed_rows(a, y)
-            y = y.index_put((rows,), forward(_Compute(a, dtype), x[rows], y[rows]).to(dtype))
+            y = y.index_put((rows,), _as(forward(_Compute(a, dtype), x[rows], y[rows]), dtype))
     return kind.from_rows(layer, y)
 
 
@@ -166,11 +166,16 @@ def _input_hook(layer, args):
     for a in adapters:
         forward_input = a.variant.forward_input
         if a.rows is None:
-            x = forward_input(_Compute(a, x.dtype), x).to(x.dtype)
+            x = _as(forward_input(_Compute(a, x.dtype), x), x.dtype)
         else:
             rows = _routed_rows(a, x)
-            x = x.index_put((rows,), forward_input(_Compute(a, x.dtype), x[rows]).to(x.dtype))
+            x = x.index_put((rows,), _as(forward_input(_Compute(a, x.dtype), x[rows]), x.dtype))
     return (x, *args[1:])
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`; the common same-dtype case skips even the no-op `.to` call (the hooks run per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _routed_rows(a: Adapter, t: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,11 @@ class LoRAConfig(LowRankConfig):
 
 
 def add_low_rank(base, h, B):
-    """base + h Bᵀ, (..., d_out) + (..., r)(r, d_out), as one addmm pass in the wider of the two dtypes."""
+    """base + h Bᵀ, (..., d_out) + (..., r)(r, d_out), as one addmm pass in the wider of the two dtypes (casts
+    skipped when the dtypes already match: this runs once per layer per call)."""
     dtype = torch.promote_types(base.dtype, h.dtype)
-    out = torch.addmm(base.reshape(-1, base.shape[-1]).to(dtype), h.reshape(-1, h.shape[-1]).to(dtype), B.T.to(dtype))
+    base, h, B = (t if t.dtype == dtype else t.to(dtype) for t in (base, h, B))
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), B.T)
     return out.view(*base.shape[:-1], -1)
 
 
