@@ -26,13 +26,18 @@ warnings.filterwarnings("ignore", message=".*kernels-community.*")
 SUITE_MINUTES = "16 (idle) to 22 (busy)"
 
 
-def pytest_report_header(config):
-    """Say up front what the run is and roughly how long it takes; pytest's percentage shows the progress."""
+def pytest_collection_finish(session):
+    """Say up front what the run is and roughly how long it takes (also under -q, which hides pytest's header);
+    pytest's percentage then shows the progress."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or session.config.option.collectonly:
+        return
     shared = os.environ.get(SHARED_ENV, "../shared (default)")
-    return [f"lora-lite suite: every registered method through the invariant matrix, PEFT parity, model families, "
-            f"file fuzzing, Trainer/TRL, the CLIs and every docs snippet; offline assets from {shared}",
-            f"expected time: about {SUITE_MINUTES} min on a 2-core machine (1 torch thread per test); the "
-            "percentage on the right is the progress. --durations=20 lists the slowest tests"]
+    reporter.write_line(f"lora-lite: {len(session.items)} tests (every registered method through the invariant matrix, "
+                        f"PEFT parity, model families, file fuzzing, Trainer/TRL, the CLIs, every docs snippet); "
+                        f"offline assets from {shared}")
+    reporter.write_line(f"the whole suite takes about {SUITE_MINUTES} min on a 2-core machine (1 torch thread per "
+                        "test); the percentage on the right is the progress, --durations=20 lists the slowest tests")
 
 
 def require_asset(path) -> None:
