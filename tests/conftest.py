@@ -21,9 +21,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The test models are tiny: one thread is as fast, and immune to oversubscription when other jobs share the cores.
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*kernels-community.*")
-# `.ci/run` from a fresh clone, 2026-12-02, 2983 tests: pytest 12 min wall with a 1-thread benchmark beside it,
-# 22 min with heavier load. Update it when the suite grows a lot.
-SUITE_MINUTES = "12 (quiet) to 22 (busy)"
+# `.ci/run` from a fresh clone, 2026-12-02, 2983 tests: pytest 10 min wall on a quiet machine, 12 min with a
+# 1-thread benchmark beside it, 22 min with heavier load. Update it when the suite grows a lot.
+SUITE_MINUTES = "10 (quiet) to 22 (busy)"
 
 
 def pytest_collection_finish(session):
