@@ -54,6 +54,7 @@ BAD_BENCH = [
     (["--set", "group_size=abc"], "group_size"), (["--threads", "-1"], "--threads"),
     (["--seeds", "0", "0"], "--seeds"), (["--variants", "lorra"], "lorra"), (["--set", "niter=4.0"], "niter"),
     (["--model", "/nonexistent/model"], "--model"), (["--lr-points", "3"], "--lr-sweep"),
+    (["--lr-extend", "1"], "--lr-sweep"),
     (["--preset", "stories", "--pretrain-steps", "3"], "--pretrain-steps"), (["--mode", "probe", "--seeds", "1"],
                                                                             "probe"),
     (["--reload-tol", "0.1"], "probe"), (["--full", "--seeds", "0"], "--full"), (["--set", "r=4"], "--r"),
@@ -129,6 +130,7 @@ def test_the_plan_names_methods_runs_and_time(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0 and "lr sweep of 5 on seed 0, then seeds 1 2" in out and "2 method(s)" in out
     assert "14 runs" in out  # 2 x (5 lrs on seed 0 + 2 more seeds)
+    assert "tries up to 2 more grid step(s) past it (--lr-extend): up to 4 more run(s) per method" in out
 
 
 def test_device_defaults_to_auto():

@@ -2,6 +2,7 @@
 splits, the length filter, the lr pick, summary locking."""
 
 import json
+import math
 import multiprocessing as mp
 from fractions import Fraction
 
@@ -14,8 +15,10 @@ pytest.importorskip("transformers")
 from conftest import require_asset  # noqa: E402
 from lora_lite.bench import presets, tiny  # noqa: E402
 from lora_lite.bench.data import HFTokenizer, encode_rows  # noqa: E402
+from lora_lite.bench.plan import MethodPlan  # noqa: E402
 from lora_lite.bench.protocol import extract_answer, format_example, format_prompt, reference_answer  # noqa: E402
-from lora_lite.bench.report import SUMMARY_COLUMNS, append_summary, pick_lr, summarize  # noqa: E402
+from lora_lite.bench.report import SUMMARY_COLUMNS, append_summary, markdown_table, pick_lr, summarize  # noqa: E402
+from lora_lite.bench.session import Pace, _extend_past_edges  # noqa: E402
 from lora_lite.errors import ConfigError  # noqa: E402
 from lora_lite.shared_data import gsm8k_file, stories260k_dir  # noqa: E402
 
@@ -138,6 +141,37 @@ def test_a_variant_whose_every_run_diverged_gets_a_row_not_an_exception():
     assert pick_lr(runs, "em") is None
     row, = summarize({"test": {"acc": 0.0}, "valid": {"acc": 0.0}}, runs, "em")
     assert row["status"] == "diverged" and row["lrs_tried"] == [1e6]
+
+
+def _sweep_with_valid(valid_at, grid=(0.001, 0.01, 0.1), extend=2, diverge_from=None):
+    """Runs the sweep's edge extension against a fake `one` whose valid accuracy is `valid_at(lr)`."""
+    method = MethodPlan("lora", None, grid, (0, 1, 2), True, extend)
+    asked = []
+
+    def one(_method, lr, seed):
+        asked.append(lr)
+        status = "diverged" if diverge_from is not None and lr >= diverge_from else "ok"
+        return _run(lr, seed, valid_at(lr), status)
+
+    sweep = [one(method, lr, 0) for lr in grid]
+    best = _extend_past_edges(method, sweep, one, Pace(len(grid)), "em")
+    return best, asked[len(grid):], sweep
+
+
+def test_a_pick_on_the_grids_edge_steps_past_it_until_the_optimum_is_inside():
+    # Optimum at 1.0, one grid step past the top: step to 1.0 (wins), then to 10 (loses): the pick is inside.
+    best, extra, _ = _sweep_with_valid(lambda lr: -abs(math.log10(lr) - 0.0))
+    assert best == 1.0 and extra == [1.0, 10.0]
+    # Optimum far below: two steps down and no more; the table then says the pick is still the lowest tried.
+    best, extra, sweep = _sweep_with_valid(lambda lr: -lr)
+    assert best == 1e-5 and extra == [1e-4, 1e-5]
+    row, = summarize({"test": {"acc": 0.0}, "valid": {"acc": 0.0}}, sweep, "em")
+    assert "1e-05 (best of 5; the lowest tried)" in markdown_table({"test": {"acc": 0.0}, "valid": {"acc": 0.0},
+                                                                   "wall_time_s": 0.0}, [row], "em", "t")
+    # A step past the top that diverges brackets the optimum; an inside pick and extend=0 add nothing.
+    assert _sweep_with_valid(lambda lr: lr, diverge_from=1.0)[:2] == (0.1, [1.0])
+    assert _sweep_with_valid(lambda lr: -abs(lr - 0.01))[:2] == (0.01, [])
+    assert _sweep_with_valid(lambda lr: lr, extend=0)[:2] == (0.1, [])
 
 
 def _append_many(args):

@@ -317,7 +317,7 @@ def test_bf16_base_trains_fp32_adapters_whose_every_entry_moves(tmp_path, cache)
 
 def test_tiny_lr_sweep_picks_on_valid_then_runs_the_other_seeds(tmp_path, cache):
     assert _bench_main(tmp_path, cache, "--variants", "lora", "--lr-sweep", "--lr-points", "2", "--lr-decades", "0.5",
-                       "--seeds", "0", "1") == 0
+                       "--lr-extend", "0", "--seeds", "0", "1") == 0
     record = _results(tmp_path)
     row, = record["rows"]
     assert len(row["lrs_tried"]) == 2 and row["lr"] == record["picks"]["lora"] and row["seeds"] == [0, 1]

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr-points", type=positive_int, default=None, help="lr grid size for --lr-sweep (default 5)")
     ap.add_argument("--lr-decades", type=positive_float, default=None,
                     help="the grid spans lr·10^(±this) (default 1)")
+    ap.add_argument("--lr-extend", type=nonnegative_int, default=None,
+                    help="grid steps a sweep may add past its lowest or highest lr while the pick sits there, "
+                         "per side (default 2; 0 keeps the grid as it is)")
     g = ap.add_argument_group("overrides (default: the preset's / the variant table's value)")
     g.add_argument("--model", help="hub id or local model folder")
     g.add_argument("--train-data", help="hub dataset id, .jsonl, or folder with train.jsonl")

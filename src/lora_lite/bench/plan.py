@@ -19,14 +19,14 @@ from ..errors import ConfigError, LoraLiteError
 from .presets import OPTION_ROWS, PRESETS, Preset, VariantSettings, lr_grid, split_spec, variant_settings
 
 FULL_SEEDS = (0, 1, 2)
-DEFAULT_LR_POINTS, DEFAULT_LR_DECADES, DEFAULT_RELOAD_TOL = 5, 1.0, 2e-2
+DEFAULT_LR_POINTS, DEFAULT_LR_DECADES, DEFAULT_LR_EXTEND, DEFAULT_RELOAD_TOL = 5, 1.0, 2, 2e-2
 PROBE_SIZES = {"steps": 5, "max_new_tokens": 16}
 # Preset fields a flag of the same name overrides.
 _PRESET_FLAGS = ("model", "train_data", "eval_data", "forget_data", "steps", "batch_size", "grad_accum",
                  "max_seq_length", "max_new_tokens", "batch_size_eval", "max_valid", "max_test", "checkpoint_every",
                  "dtype")
 # Flags a probe has no use for: it trains a few steps and checks perturb / save / reload, it scores nothing.
-_NOT_IN_PROBE = ("seeds", "lr_sweep", "full", "lr_points", "lr_decades", "eval_data", "forget_data", "max_valid",
+_NOT_IN_PROBE = ("seeds", "lr_sweep", "full", "lr_points", "lr_decades", "lr_extend", "eval_data", "forget_data", "max_valid",
                  "max_test", "max_new_tokens", "batch_size_eval", "checkpoint_every", "overwrite")
 _OWN_FLAGS = {"r": "--r", "alpha": "--alpha", "target_names": "--targets"}
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -40,9 +40,11 @@ class MethodPlan:
     lrs: tuple[float, ...]      # the sweep grid, or the one lr
     seeds: tuple[int, ...]
     sweep: bool
+    extend: int = 0             # grid steps the sweep may add past either end while the pick sits on it
 
     @property
     def n_runs(self) -> int:
+        """The runs the plan is sure of; an edge pick adds up to 2 * extend more on the first seed."""
         return len(self.lrs) + len(self.seeds) - 1 if self.sweep else len(self.seeds)
 
 
@@ -87,8 +89,9 @@ def resolve(args) -> Plan:
         if args.reload_tol is not None:
             raise ConfigError("--reload-tol is the probe's save/load tolerance; it needs --mode probe")
     sweep = args.lr_sweep or args.full
-    if not sweep and (args.lr_points is not None or args.lr_decades is not None):
-        raise ConfigError("--lr-points / --lr-decades shape the --lr-sweep grid; add --lr-sweep (or --full)")
+    if not sweep and (args.lr_points is not None or args.lr_decades is not None or args.lr_extend is not None):
+        raise ConfigError("--lr-points / --lr-decades / --lr-extend shape the --lr-sweep grid; add --lr-sweep "
+                          "(or --full)")
     seeds = tuple(args.seeds) if args.seeds is not None else (FULL_SEEDS if args.full else (0,))
     if len(set(seeds)) != len(seeds):
         dup = sorted({s for s in seeds if seeds.count(s) > 1})
@@ -111,6 +114,7 @@ def resolve(args) -> Plan:
     knobs = _knobs(args.set, variants)
     points = args.lr_points if args.lr_points is not None else DEFAULT_LR_POINTS
     decades = args.lr_decades if args.lr_decades is not None else DEFAULT_LR_DECADES
+    extend = args.lr_extend if args.lr_extend is not None else DEFAULT_LR_EXTEND
     if sweep and points < 2:
         raise ConfigError(f"--lr-points {points}: a sweep needs at least 2 learning rates")
     methods = []
@@ -122,7 +126,8 @@ def resolve(args) -> Plan:
             raise ConfigError(f"{variant}: {e}") from None
         vs = dataclasses.replace(vs, label=variant)
         lrs = tuple(lr_grid(vs.lr, points, decades)) if sweep else (vs.lr,)
-        methods.append(MethodPlan(variant, vs, lrs, seeds if args.mode == "benchmark" else (0,), sweep))
+        methods.append(MethodPlan(variant, vs, lrs, seeds if args.mode == "benchmark" else (0,), sweep,
+                                  extend if sweep else 0))
 
     device = _device(args.device)
     if device == "cpu":
@@ -312,6 +317,10 @@ def describe(plan: Plan, base_cached: bool) -> str:
         else:
             how = f"seeds {' '.join(map(str, plan.methods[0].seeds))} at each method's table lr" if n else ""
         lines.append(f"bench {p.name}: {n} method(s), {how}: {plan.n_runs} runs")
+        if plan.methods and plan.methods[0].sweep and plan.methods[0].extend:
+            k = plan.methods[0].extend
+            lines.append(f"  a pick on the grid's lowest or highest lr tries up to {k} more grid step(s) past it "
+                         f"(--lr-extend): up to {2 * k} more run(s) per method on seed {plan.methods[0].seeds[0]}")
         test = f"the first {p.max_test}" if p.max_test else "all"
         lines.append(f"  each run: {p.steps} steps x batch {p.batch_size * p.grad_accum}, then scored on {p.max_valid} "
                      f"valid and {test} test questions (greedy, up to {p.max_new_tokens} new tokens)"

@@ -187,7 +187,8 @@ def markdown_table(base: dict, rows: list[dict], metric: str, title: str, contex
             p, test = f"{vs['p']:.3f}", vs["test"]
         else:  # LoRA itself, or no LoRA row to compare with
             delta, p, test = ("(reference)" if row["variant"] == "lora" else "–"), "–", "–"
-        lr = f"{row['lr']:g}" + (f" (best of {len(row['lrs_tried'])})" if len(row["lrs_tried"]) > 1 else "")
+        lr = f"{row['lr']:g}" + (f" (best of {len(row['lrs_tried'])}{_edge(row)})" if len(row["lrs_tried"]) > 1
+                                 else "")
         seeds = str(len(row["seeds"])) + (f" ({len(row['diverged_seeds'])} diverged)" if row["diverged_seeds"] else "")
         lines.append(f"| {row['variant']} | {lr} | {seeds} | {_fmt(row['test'], d)} | "
                      f"{_fmt(row['valid'], d)} | {delta} | {p} | {test} | {_fmt(row['test_acc'], 1)} | "
@@ -201,6 +202,12 @@ def markdown_table(base: dict, rows: list[dict], metric: str, title: str, contex
     lines += ["", "Every variant beats the untrained base on test." if not behind else
               f"Not better than the untrained base on test: {', '.join(sorted(behind))}."]
     return "\n".join(lines) + "\n"
+
+
+def _edge(row: dict) -> str:
+    """Says when the pick is still the lowest or highest lr tried: its optimum may lie past the grid."""
+    tried = row["lrs_tried"]
+    return "; the highest tried" if row["lr"] == max(tried) else "; the lowest tried" if row["lr"] == min(tried) else ""
 
 
 def _slim(row: dict) -> dict:

@@ -85,7 +85,9 @@ def run_session(plan: Plan, argv: list[str], plan_only: bool = False) -> int:
         f"{len(bench.valid_rows)} (examples longer than {p.max_seq_length} tokens left out: "
         f"{bench.data_report['test']['too_long']} test, {bench.data_report['valid']['too_long']} valid); greedy "
         f"decoding up to {p.max_new_tokens} new tokens. "
-        + ("Learning rate: swept on seed " + str(plan.methods[0].seeds[0]) + ", picked on valid."
+        + ("Learning rate: swept on seed " + str(plan.methods[0].seeds[0]) + ", picked on valid"
+           + (f"; a pick on the grid's lowest or highest lr tried up to {plan.methods[0].extend} more step(s) "
+              "past it" if plan.methods[0].extend else "") + "."
            if plan.methods and plan.methods[0].sweep else "Learning rate: each method's table lr."),
         f"Environment: torch {env['torch']}, transformers {env['transformers']}, {env['device_name']} "
         f"({plan.device}, {env['torch_threads']} torch thread(s)), lora-lite {env['commit'][:12]}"
@@ -137,14 +139,15 @@ def _run_methods(bench, plan: Plan, stop: StopFlag):
             _line(f"note: {note}")
         if method.sweep:
             sweep = [r for r in (one(method, lr, method.seeds[0]) for lr in method.lrs) if r is not None]
-            best = pick_lr(sweep, plan.preset.metric)
+            best = _extend_past_edges(method, sweep, one, pace, plan.preset.metric)
             picks[method.variant] = best
             if best is None:
                 _line(f"{method.variant}: no lr of {list(method.lrs)} gave a finished run on seed "
                       f"{method.seeds[0]}; its other seeds are skipped")
                 pace.total -= len(method.seeds) - 1
                 continue
-            _line(f"{method.variant}: lr grid {list(method.lrs)} -> best on valid {best:g}")
+            grid = sorted({r["lr"] for r in sweep} | set(method.lrs))
+            _line(f"{method.variant}: lr grid {grid} -> best on valid {best:g}")
             seeds = method.seeds[1:]
         else:
             best = method.lrs[0]
@@ -153,3 +156,28 @@ def _run_methods(bench, plan: Plan, stop: StopFlag):
         for seed in seeds:
             one(method, best, seed)
     return runs, picks, failures
+
+
+def _extend_past_edges(method, sweep: list[dict], one, pace: Pace, metric: str) -> float | None:
+    """The sweep's pick, after stepping past the grid's ends: while the best lr is the lowest or the highest
+    one tried, the optimum may lie outside the grid, so the next log step beyond it runs on the sweep's seed,
+    up to `method.extend` steps per side. A diverged or failed step ends that side (it brackets the optimum).
+    Appends the new runs to `sweep`."""
+    ratio = method.lrs[1] / method.lrs[0]
+    tried, steps = set(method.lrs), {1: 0, -1: 0}
+    while True:
+        best = pick_lr(sweep, metric)
+        if best is None:
+            return None
+        side = 1 if best == max(tried) else -1 if best == min(tried) else 0
+        if not side or steps[side] >= method.extend:
+            return best
+        lr = float(f"{best * ratio ** side:.3g}")
+        steps[side] += 1
+        pace.total += 1
+        _line(f"{method.variant}: best lr {best:g} is the grid's {'highest' if side > 0 else 'lowest'}; "
+              f"trying {lr:g} past it")
+        tried.add(lr)
+        result = one(method, lr, method.seeds[0])
+        if result is not None:
+            sweep.append(result)
