@@ -5,6 +5,7 @@ import json
 import math
 import multiprocessing as mp
 from fractions import Fraction
+from types import SimpleNamespace
 
 import pytest
 
@@ -145,7 +146,7 @@ def test_a_variant_whose_every_run_diverged_gets_a_row_not_an_exception():
 
 def _sweep_with_valid(valid_at, grid=(0.001, 0.01, 0.1), extend=2, diverge_from=None):
     """Runs the sweep's edge extension against a fake `one` whose valid accuracy is `valid_at(lr)`."""
-    method = MethodPlan("lora", None, grid, (0, 1, 2), True, extend)
+    method = MethodPlan("lora", SimpleNamespace(lr=0.01), grid, (0, 1, 2), True, extend, decades=1.0)
     asked = []
 
     def one(_method, lr, seed):
@@ -156,6 +157,13 @@ def _sweep_with_valid(valid_at, grid=(0.001, 0.01, 0.1), extend=2, diverge_from=
     sweep = [one(method, lr, 0) for lr in grid]
     best = _extend_past_edges(method, sweep, one, Pace(len(grid)), "em")
     return best, asked[len(grid):], sweep
+
+
+def test_steps_past_the_grid_continue_its_spacing_exactly():
+    # From the rounded ends (0.316 x 3.16 = 0.999) the steps would drift; they come from the grid's own formula.
+    grid = presets.lr_grid(0.01, 5, 1.0)
+    assert grid == [0.001, 0.00316, 0.01, 0.0316, 0.1]
+    assert [presets.lr_grid_point(0.01, 5, 1.0, i) for i in (5, 6, -1, -2)] == [0.316, 1.0, 0.000316, 0.0001]
 
 
 def test_a_pick_on_the_grids_edge_steps_past_it_until_the_optimum_is_inside():

@@ -41,6 +41,7 @@ class MethodPlan:
     seeds: tuple[int, ...]
     sweep: bool
     extend: int = 0             # grid steps the sweep may add past either end while the pick sits on it
+    decades: float = 0.0        # the grid spans settings.lr·10^(±decades)
 
     @property
     def n_runs(self) -> int:
@@ -127,7 +128,7 @@ def resolve(args) -> Plan:
         vs = dataclasses.replace(vs, label=variant)
         lrs = tuple(lr_grid(vs.lr, points, decades)) if sweep else (vs.lr,)
         methods.append(MethodPlan(variant, vs, lrs, seeds if args.mode == "benchmark" else (0,), sweep,
-                                  extend if sweep else 0))
+                                  extend if sweep else 0, decades))
 
     device = _device(args.device)
     if device == "cpu":

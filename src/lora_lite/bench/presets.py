@@ -147,5 +147,10 @@ def lr_grid(center: float, points: int, decades: float) -> list[float]:
     """`points` log-spaced learning rates spanning center·10^(±decades)."""
     if points < 2:
         return [center]
+    return [lr_grid_point(center, points, decades, i) for i in range(points)]
+
+
+def lr_grid_point(center: float, points: int, decades: float, i: int) -> float:
+    """Point i of that grid, to 3 significant digits; i < 0 or i >= points continue it past its ends."""
     step = 2 * decades / (points - 1)
-    return [float(f"{center * 10 ** (-decades + i * step):.3g}") for i in range(points)]
+    return float(f"{center * 10 ** (-decades + i * step):.3g}")

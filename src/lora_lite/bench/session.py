@@ -12,6 +12,7 @@ import time
 
 from ..errors import LoraLiteError
 from .plan import Plan, describe, duration
+from .presets import lr_grid_point
 from .report import pick_lr, write_report
 from .train import Interrupted, StopFlag
 
@@ -163,7 +164,7 @@ def _extend_past_edges(method, sweep: list[dict], one, pace: Pace, metric: str) 
     one tried, the optimum may lie outside the grid, so the next log step beyond it runs on the sweep's seed,
     up to `method.extend` steps per side. A diverged or failed step ends that side (it brackets the optimum).
     Appends the new runs to `sweep`."""
-    ratio = method.lrs[1] / method.lrs[0]
+    n = len(method.lrs)
     tried, steps = set(method.lrs), {1: 0, -1: 0}
     while True:
         best = pick_lr(sweep, metric)
@@ -172,8 +173,8 @@ def _extend_past_edges(method, sweep: list[dict], one, pace: Pace, metric: str) 
         side = 1 if best == max(tried) else -1 if best == min(tried) else 0
         if not side or steps[side] >= method.extend:
             return best
-        lr = float(f"{best * ratio ** side:.3g}")
         steps[side] += 1
+        lr = lr_grid_point(method.settings.lr, n, method.decades, n - 1 + steps[1] if side > 0 else -steps[-1])
         pace.total += 1
         _line(f"{method.variant}: best lr {best:g} is the grid's {'highest' if side > 0 else 'lowest'}; "
               f"trying {lr:g} past it")
