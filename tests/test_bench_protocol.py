@@ -208,3 +208,31 @@ def test_summary_tsv_appends_under_a_lock_from_many_processes(tmp_path):
     append_summary(tmp_path, _fake_result("new"), "em")
     assert len(list(tmp_path.glob("summary.*.tsv.bak"))) == 1
     assert len((tmp_path / "summary.tsv").read_text().splitlines()) == 2
+
+
+def _preset_model(name: str):
+    if name == "stories":
+        require_asset(stories260k_dir())
+        from conftest import fresh_model
+        return fresh_model("stories")
+    return tiny.build_model(tiny.TinySpec(), tiny.CharTokenizer())  # untrained: attaching only needs the shapes
+
+
+@pytest.mark.parametrize("preset", ["tiny", "stories"])
+def test_every_rows_bench_settings_attach_to_its_presets_model(preset, tmp_path):
+    # OFT's block_size=32 and BOFT's 4·2 do not divide stories260K's 172-wide down_proj: a default that refuses
+    # the preset's own model loses the method's whole row, so every row of the default session is attached here.
+    from lora_lite.bench.cli import build_parser
+    from lora_lite.bench.plan import resolve
+    from variant_cases import gsm8k_batches
+    plan = resolve(build_parser().parse_args(["--preset", preset, "--output-dir", str(tmp_path),
+                                              *(["--cache-dir", str(tmp_path / "cache")] if preset == "tiny" else [])]))
+    assert len(plan.methods) == len(ll.REGISTRY) + len(presets.OPTION_ROWS)
+    model = _preset_model(preset)
+    calibration = gsm8k_batches(model, n_batches=1, batch_size=2, max_length=24)
+    for method in plan.methods:
+        try:
+            ll.attach(model, method.settings.cfg, calibration_data=calibration)
+        except ll.LoraLiteError as e:
+            pytest.fail(f"{method.variant} on the {preset} preset: {e}")
+        ll.detach(model)

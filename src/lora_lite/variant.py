@@ -54,8 +54,9 @@ Facts the rest of the package reads (optional unless noted)
     call_macs(d_in, d_out, cfg) -> int          MACs one training step (forward and backward) of one layer spends
                                                 once, whatever its token count: DoRA's row norm, HRA's r×r solve.
                                                 Optional (0); the cost report's ideal ratio counts it
-    bench = {"r": .., "alpha": number | "r", "lr": {preset: lr}, "targets": (..), "knobs": {..}}
-                                                benchmark defaults (lora_lite.bench.presets.defaults_row)
+    bench = {"r": .., "alpha": number | "r", "lr": {preset: lr}, "targets": (..), "knobs": {..},
+             "preset_knobs": {preset: {..}}}    benchmark defaults (lora_lite.bench.presets.defaults_row);
+                                                preset_knobs: the knobs one preset's model needs on top of knobs
     couples_rows(cfg) -> bool                   True when a row's output depends on the batch's other rows
                                                 (Lily's batch-mean router); per_row refuses such an adapter
     peft(cfg, target_names) -> (PeftConfig, label) | None
@@ -81,7 +82,7 @@ from .layer_kinds import KIND_NAMES
 
 InitFn = Callable[[torch.Tensor], Any]
 
-_BENCH_KEYS = {"r", "alpha", "lr", "targets", "knobs"}
+_BENCH_KEYS = {"r", "alpha", "lr", "targets", "knobs", "preset_knobs"}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A method's benchmark settings live in its registration (`bench` in its file; lora_lite.variant): its learning
 rate per preset, r, alpha (a number, or "r" for alpha = r) and, when they differ from the preset's, its targets
-and config knobs. Bench code reads them only through `defaults_row`. A registered method with no `bench` still
+and config knobs (`knobs`, and `preset_knobs` for what one preset's model needs on top). Bench code reads them only through `defaults_row`. A registered method with no `bench` still
 runs: it gets its config class's r/alpha/targets and LoRA's lr, and `variant_settings` says so. Presets cap r at
 `max_r` for their small models, scaling alpha to keep alpha/r.
 """
@@ -120,7 +120,8 @@ def variant_settings(variant: str, preset: Preset, *, lr: float | None = None, r
     class_targets = fields["target_names"].default
     if targets is None:
         targets = row.get("targets") or (class_targets if class_targets not in (ALL_LINEAR, ()) else preset.targets)
-    kwargs = {"target_names": tuple(targets), **row.get("knobs", {}), **(knobs or {})}
+    kwargs = {"target_names": tuple(targets), **row.get("knobs", {}),
+              **row.get("preset_knobs", {}).get(preset.name, {}), **(knobs or {})}
     default_r = None
     if "r" in fields:
         table_r = row.get("r", fields["r"].default)

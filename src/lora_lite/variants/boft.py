@@ -70,7 +70,9 @@ class BOFT:
     paper = ("Liu+ 2024", "https://arxiv.org/abs/2311.06243")
     layer_kinds = ("linear",)
     params_per_layer = "m·d_in·b + d_out (m = butterfly_factor)"
-    bench = {"lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}, "knobs": {"block_size": 4, "butterfly_factor": 2}}
+    # stories260K's down_proj takes 172 = 4·43 inputs: b·2^(m−1) = 4 with an even b
+    bench = {"lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 1e-2}, "knobs": {"block_size": 4, "butterfly_factor": 2},
+             "preset_knobs": {"stories": {"block_size": 2}}}
 
     @staticmethod
     def peft(cfg, targets):

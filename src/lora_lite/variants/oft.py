@@ -58,7 +58,9 @@ class OFT:
     paper = ("Qiu+ 2023", "https://arxiv.org/abs/2306.07280")
     layer_kinds = ("linear",)
     params_per_layer = "d_in·(b − 1)/2"
-    bench = {"lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 3e-3}, "knobs": {"block_size": 32}}
+    # stories260K's down_proj takes 172 = 4·43 inputs: 43-wide blocks
+    bench = {"lr": {"qwen": 1e-4, "stories": 3e-3, "tiny": 3e-3}, "knobs": {"block_size": 32},
+             "preset_knobs": {"stories": {"block_size": 43}}}
 
     @staticmethod
     def peft(cfg, targets):
