@@ -56,6 +56,7 @@ from .target import plan_targets
 from .transaction import ModelSnapshot
 from .variant import (
     REGISTRY,
+    as_dtype,
     autocast_off,
     couples_rows,
     hook_only_methods,
@@ -137,10 +138,10 @@ def _output_hook(layer, args, y):
     for a in adapters:
         forward = a.variant.forward
         if a.rows is None:
-            y = _as(forward(_Compute(a, dtype), x, y), dtype)
+            y = as_dtype(forward(_Compute(a, dtype), x, y), dtype)
         else:
             rows = _routed_rows(a, y)
-            y = y.index_put((rows,), _as(forward(_Compute(a, dtype), x[rows], y[rows]), dtype))
+            y = y.index_put((rows,), as_dtype(forward(_Compute(a, dtype), x[rows], y[rows]), dtype))
     return kind.from_rows(layer, y)
 
 
@@ -166,16 +167,11 @@ def _input_hook(layer, args):
     for a in adapters:
         forward_input = a.variant.forward_input
         if a.rows is None:
-            x = _as(forward_input(_Compute(a, x.dtype), x), x.dtype)
+            x = as_dtype(forward_input(_Compute(a, x.dtype), x), x.dtype)
         else:
             rows = _routed_rows(a, x)
-            x = x.index_put((rows,), _as(forward_input(_Compute(a, x.dtype), x[rows]), x.dtype))
+            x = x.index_put((rows,), as_dtype(forward_input(_Compute(a, x.dtype), x[rows]), x.dtype))
     return (x, *args[1:])
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t in `dtype`; the common same-dtype case skips even the no-op `.to` call (the hooks run per layer)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _routed_rows(a: Adapter, t: torch.Tensor) -> torch.Tensor:

@@ -187,6 +187,12 @@ def hook_only_methods() -> list[str]:
     return sorted(n for n, v in REGISTRY.items() if not getattr(v, "needs_dense_weight", False))
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`; the common same-dtype case skips even the no-op `.to` call (hooks and forwards run once per
+    layer per call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def autocast_off(device: torch.device):
     """A block where fp32 math stays fp32 inside an autocast region, which would run its matmuls in bf16/fp16
     (base_delta, a method's fp32 statistics). A no-op on devices autocast does not know."""

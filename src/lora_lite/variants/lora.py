@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LowRankConfig
-from ..variant import ParamSpec, register
+from ..variant import ParamSpec, as_dtype, register
 
 
 @dataclass
@@ -25,10 +25,9 @@ class LoRAConfig(LowRankConfig):
 
 
 def add_low_rank(base, h, B):
-    """base + h Bᵀ, (..., d_out) + (..., r)(r, d_out), as one addmm pass in the wider of the two dtypes (casts
-    skipped when the dtypes already match: this runs once per layer per call)."""
+    """base + h Bᵀ, (..., d_out) + (..., r)(r, d_out), as one addmm pass in the wider of the two dtypes."""
     dtype = torch.promote_types(base.dtype, h.dtype)
-    base, h, B = (t if t.dtype == dtype else t.to(dtype) for t in (base, h, B))
+    base, h, B = (as_dtype(t, dtype) for t in (base, h, B))
     out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), B.T)
     return out.view(*base.shape[:-1], -1)
 
