@@ -155,7 +155,8 @@ def _sweep_with_valid(valid_at, grid=(0.001, 0.01, 0.1), extend=2, diverge_from=
         return _run(lr, seed, valid_at(lr), status)
 
     sweep = [one(method, lr, 0) for lr in grid]
-    best = _extend_past_edges(method, sweep, one, Pace(len(grid)), "em")
+    best, tried = _extend_past_edges(method, sweep, one, Pace(len(grid)), "em")
+    assert tried == sorted({*grid, *asked})
     return best, asked[len(grid):], sweep
 
 
@@ -168,7 +169,7 @@ def test_steps_past_the_grid_continue_its_spacing_exactly():
 
 def test_a_pick_on_the_grids_edge_steps_past_it_until_the_optimum_is_inside():
     # Optimum at 1.0, one grid step past the top: step to 1.0 (wins), then to 10 (loses): the pick is inside.
-    best, extra, _ = _sweep_with_valid(lambda lr: -abs(math.log10(lr) - 0.0))
+    best, extra, _ = _sweep_with_valid(lambda lr: -abs(math.log10(lr)))
     assert best == 1.0 and extra == [1.0, 10.0]
     # Optimum far below: two steps down and no more; the table then says the pick is still the lowest tried.
     best, extra, sweep = _sweep_with_valid(lambda lr: -lr)

@@ -140,14 +140,13 @@ def _run_methods(bench, plan: Plan, stop: StopFlag):
             _line(f"note: {note}")
         if method.sweep:
             sweep = [r for r in (one(method, lr, method.seeds[0]) for lr in method.lrs) if r is not None]
-            best = _extend_past_edges(method, sweep, one, pace, plan.preset.metric)
+            best, grid = _extend_past_edges(method, sweep, one, pace, plan.preset.metric)
             picks[method.variant] = best
             if best is None:
                 _line(f"{method.variant}: no lr of {list(method.lrs)} gave a finished run on seed "
                       f"{method.seeds[0]}; its other seeds are skipped")
                 pace.total -= len(method.seeds) - 1
                 continue
-            grid = sorted({r["lr"] for r in sweep} | set(method.lrs))
             _line(f"{method.variant}: lr grid {grid} -> best on valid {best:g}")
             seeds = method.seeds[1:]
         else:
@@ -159,20 +158,21 @@ def _run_methods(bench, plan: Plan, stop: StopFlag):
     return runs, picks, failures
 
 
-def _extend_past_edges(method, sweep: list[dict], one, pace: Pace, metric: str) -> float | None:
-    """The sweep's pick, after stepping past the grid's ends: while the best lr is the lowest or the highest
-    one tried, the optimum may lie outside the grid, so the next log step beyond it runs on the sweep's seed,
-    up to `method.extend` steps per side. A diverged or failed step ends that side (it brackets the optimum).
-    Appends the new runs to `sweep`."""
+def _extend_past_edges(method, sweep: list[dict], one, pace: Pace,
+                       metric: str) -> tuple[float | None, list[float]]:
+    """The sweep's pick and every lr it tried, after stepping past the grid's ends: while the best lr is the
+    lowest or the highest one tried, the optimum may lie outside the grid, so the next log step beyond it runs
+    on the sweep's seed, up to `method.extend` steps per side. A diverged or failed step ends that side (it
+    brackets the optimum). Appends the new runs to `sweep`."""
     n = len(method.lrs)
     tried, steps = set(method.lrs), {1: 0, -1: 0}
     while True:
         best = pick_lr(sweep, metric)
         if best is None:
-            return None
+            return None, sorted(tried)
         side = 1 if best == max(tried) else -1 if best == min(tried) else 0
         if not side or steps[side] >= method.extend:
-            return best
+            return best, sorted(tried)
         steps[side] += 1
         lr = lr_grid_point(method.settings.lr, n, method.decades, n - 1 + steps[1] if side > 0 else -steps[-1])
         pace.total += 1
